@@ -1,0 +1,82 @@
+"""Trial configuration: one dataclass, YAML/dict in, unknown keys rejected, a stable hash.
+
+The trial id is the hash of the resolved config with the dataset *id* (content hash) in place
+of its path, so the same experiment on a moved copy of the data has the same id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from malloc_ray.errors import InputError
+
+DEVICES = ("cpu", "cuda")
+LOADERS = ("local", "ray")
+
+
+@dataclass
+class TrialConfig:
+    dataset: str                         # prepared dataset directory
+    method: str = "native"
+    depth: int = 2                       # HSTU layers
+    seed: int = 0
+    d_model: int = 64
+    num_heads: int = 4
+    max_len: int = 128                   # interactions per window, target included
+    dropout: float = 0.1
+    loss_positions: str = "all"
+    hparams: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    epochs: int = 20
+    patience: int = 3
+    grad_clip: float = 1.0
+    explode_grad_norm: float = 1e4
+    no_learning_epochs: int = 0
+    max_steps_per_epoch: int | None = None
+    device: str = "cpu"
+    loader: str = "local"
+
+    def __post_init__(self):
+        if self.device not in DEVICES:
+            raise InputError(f"must be one of {DEVICES}, got {self.device!r}", key="device")
+        if self.loader not in LOADERS:
+            raise InputError(f"must be one of {LOADERS}, got {self.loader!r}", key="loader")
+        for key in ("depth", "d_model", "num_heads", "batch_size", "epochs"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise InputError(f"must be a positive integer, got {getattr(self, key)!r}", key=key)
+        if self.max_len < 2:
+            raise InputError("must be >= 2 (one history interaction plus the target)", key="max_len")
+        if not self.lr > 0:
+            raise InputError(f"must be > 0, got {self.lr!r}", key="lr")
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "TrialConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in raw:
+            if key not in known:
+                raise InputError(f"unknown trial config key; known: {', '.join(sorted(known))}",
+                                 key=key)
+        try:
+            return cls(**raw)
+        except TypeError as exc:  # a missing required key
+            raise InputError(str(exc), key="dataset") from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def config_hash(cfg: TrialConfig, dataset_id: str) -> str:
+    """Stable id of a trial: everything that changes its result, nothing that does not."""
+    resolved = cfg.to_dict()
+    resolved["dataset"] = dataset_id
+    for key in ("device", "loader"):  # where it runs does not change what it computes
+        resolved.pop(key)
+    blob = json.dumps(resolved, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,36 @@
+"""w/o Mem: keep nothing, recompute the whole sequence for every request (methods.md §4.0).
+
+Same layer as Native; the difference is the serving path. Only the raw history ids and labels
+are stored (not counted as memory) and each request runs [history; candidates] through every
+layer. Its scores must equal Native's cached ones; its cost is the full quadratic pass.
+"""
+
+from __future__ import annotations
+
+from malloc_ray.methods.base import LayerMemory, register
+from malloc_ray.methods.native import HSTUAttention, pair_macs, token_macs
+
+
+@register
+class WoMem(HSTUAttention):
+    name = "wo_mem"
+    category = "none"
+    recompute = True
+
+    def prefill(self, x, pos, valid):
+        return self.forward(x, pos, valid), LayerMemory()
+
+    def step(self, x, pos, memory, append):
+        raise RuntimeError("wo_mem keeps no layer state: CTRModel.score recomputes from raw ids")
+
+    @classmethod
+    def memory_bytes(cls, cfg, hp, n_cached, metadata=False):
+        return 0
+
+    @classmethod
+    def macs(cls, cfg, hp, n_cached, q=1):
+        tok, tok_mm = token_macs(cfg)
+        pair, pair_mm = pair_macs(cfg)
+        n = n_cached + q  # full-matrix count over history and candidates, as the paper does
+        return {"request": n * tok + n * n * pair, "request_matmul": n * tok_mm + n * n * pair_mm,
+                "prefill": 0}
