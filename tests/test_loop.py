@@ -1,0 +1,178 @@
+"""Training loop: learning, early stopping with restore, failure guard, no-learning detection.
+
+Dummy models follow the model contract (`loss(batch)`, `predict(batch)` at the target position).
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from malloc_ray.train.loop import DIVERGED_METRICS, TrainConfig, evaluate, fit
+
+N_ITEMS, SEQ = 40, 4
+
+
+def make_split(n_batches, seed, batch_size=64, n_users=30):
+    """Left-padded batches whose target label depends only on the target item (learnable)."""
+    rng = np.random.default_rng(seed)
+    item_logit = np.random.default_rng(123).normal(0.0, 3.0, N_ITEMS + 1)
+    batches = []
+    for _ in range(n_batches):
+        lengths = rng.integers(1, SEQ + 1, batch_size)
+        items = rng.integers(1, N_ITEMS + 1, (batch_size, SEQ))
+        labels = rng.integers(0, 2, (batch_size, SEQ))
+        pad = np.arange(SEQ)[None, :] < (SEQ - lengths)[:, None]
+        items[pad], labels[pad] = 0, 0
+        p = 1.0 / (1.0 + np.exp(-item_logit[items[:, -1]]))
+        labels[:, -1] = rng.random(batch_size) < p
+        batches.append({"items": torch.tensor(items), "labels": torch.tensor(labels),
+                        "lengths": torch.tensor(lengths),
+                        "user": torch.tensor(rng.integers(0, n_users, batch_size))})
+    return batches
+
+
+TRAIN, VALID, TEST = make_split(20, 1), make_split(8, 2), make_split(8, 3)
+
+
+def shuffled(batches, poison_epoch=None, scale=None):
+    """train_batches(epoch): a seeded reshuffle; at `poison_epoch` every batch carries a loss scale."""
+    def train_batches(epoch):
+        order = np.random.default_rng(epoch).permutation(len(batches))
+        for i in order:
+            batch = dict(batches[i])
+            if epoch == poison_epoch:
+                batch["scale"] = torch.tensor(scale)
+            yield batch
+    return train_batches
+
+
+class TargetLogReg(nn.Module):
+    """Logistic regression on the target item's id; `batch["scale"]` multiplies the loss."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(N_ITEMS + 1, 1)
+
+    def logits(self, batch):
+        return self.emb(batch["items"][:, -1]).squeeze(-1)
+
+    def loss(self, batch):
+        loss = nn.functional.binary_cross_entropy_with_logits(
+            self.logits(batch), batch["labels"][:, -1].float())
+        return loss * batch.get("scale", 1.0)
+
+    def predict(self, batch):
+        return torch.sigmoid(self.logits(batch))
+
+
+class BiasOnly(TargetLogReg):
+    """Cannot learn a ranking: every user gets the same probability, so AUC is exactly 0.5."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    def logits(self, batch):
+        return self.bias.expand(batch["items"].shape[0])
+
+
+class Scripted(nn.Module):
+    """Validation quality follows a fixed schedule over epochs, so early stopping is predictable.
+
+    `steps` counts training steps and is part of the state dict: after restore it tells which
+    epoch's weights are loaded. predict() peeks at the label (a test fixture, not a model).
+    """
+
+    def __init__(self, strengths, steps_per_epoch):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(()))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+        self.strengths, self.steps_per_epoch = strengths, steps_per_epoch
+
+    def loss(self, batch):
+        self.steps += 1
+        return (self.w - 1.0) ** 2
+
+    def predict(self, batch):
+        epoch = int(self.steps) // self.steps_per_epoch - 1
+        y = batch["labels"][:, -1].float() * 2 - 1
+        noise = torch.randn(y.shape, generator=torch.Generator().manual_seed(int(batch["user"][0])))
+        return torch.sigmoid(self.strengths[epoch] * y + noise)
+
+
+def run(model, cfg, train=None, **kw):
+    return fit(model, train or shuffled(TRAIN), lambda: VALID, lambda: TEST, cfg, **kw)
+
+
+def test_learns_and_reports_everything():
+    seen = []
+    result = run(TargetLogReg(), TrainConfig(lr=0.05, epochs=8, patience=8), on_epoch=seen.append)
+    assert result["status"] == "ok" and result["failed_epoch"] is None
+    assert result["auc"] > 0.8 and result["gauc"] > 0.75 and result["logloss"] < 0.6
+    assert result["epochs_run"] == 8 == len(seen) == len(result["history"])
+    assert seen == result["history"]
+    assert set(seen[0]) == {"epoch", "train_loss", "valid_auc", "valid_gauc", "valid_logloss", "seconds"}
+    assert result["valid_auc"] == max(r["valid_auc"] for r in result["history"])
+    assert result["samples_per_second"] == pytest.approx(8 * 20 * 64 / result["train_seconds"])
+
+
+def test_deterministic_given_seed():
+    cfg = TrainConfig(lr=0.05, epochs=3, patience=3)
+    a, b = run(TargetLogReg(), cfg), run(TargetLogReg(), cfg)
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(a["history"]) == strip(b["history"]) and a["auc"] == b["auc"]
+
+
+def test_early_stopping_restores_best_epoch():
+    steps = 5
+    model = Scripted([0.5, 3.0, 1.0, 0.7, 0.5, 6.0, 6.0], steps)
+    result = run(model, TrainConfig(epochs=7, patience=3, max_steps_per_epoch=steps))
+    assert result["status"] == "ok"
+    assert result["best_epoch"] == 1 and result["epochs_run"] == 5  # epochs 2, 3, 4 did not improve
+    assert int(model.steps) == 2 * steps  # the weights after epoch 1 are back
+    assert result["valid_auc"] == result["history"][1]["valid_auc"]
+    assert result["auc"] == evaluate(model, TEST)["auc"]
+
+
+@pytest.mark.parametrize("scale, reason", [(math.nan, "loss"), (1e9, "gradient norm")])
+def test_divergence_is_a_result(scale, reason):
+    model = TargetLogReg()
+    result = run(model, TrainConfig(lr=0.05, epochs=6, patience=6), train=shuffled(TRAIN, 2, scale))
+    assert result["status"] == "diverged" and result["failed_epoch"] == 2
+    assert reason in result["reason"]
+    assert result["epochs_run"] == 2 and result["best_epoch"] in (0, 1)
+    for key, value in DIVERGED_METRICS.items():
+        assert result[key] == value and math.isfinite(value)
+    assert result["valid_auc"] == 0.5
+    # the bad update was never applied and the best weights are back in the model
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_nan_predictions_are_divergence():
+    class NanPredict(TargetLogReg):
+        def predict(self, batch):
+            return super().predict(batch) * math.nan
+
+    result = run(NanPredict(), TrainConfig(epochs=3))
+    assert result["status"] == "diverged" and result["failed_epoch"] == 0
+
+
+def test_no_learning_detected():
+    result = run(BiasOnly(), TrainConfig(lr=0.05, epochs=10, no_learning_epochs=2))
+    assert result["status"] == "no_learning" and result["failed_epoch"] == 1
+    assert result["epochs_run"] == 2 and result["valid_auc"] == 0.5
+    assert math.isfinite(result["logloss"])
+
+
+def test_learning_model_passes_no_learning_check():
+    result = run(TargetLogReg(), TrainConfig(lr=0.05, epochs=2, no_learning_epochs=1))
+    assert result["status"] == "ok"
+
+
+def test_rejects_zero_patience():
+    with pytest.raises(ValueError):
+        TrainConfig(patience=0)
