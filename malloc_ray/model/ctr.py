@@ -94,7 +94,11 @@ class CTRModel(nn.Module):
 
     @torch.no_grad()
     def predict(self, batch) -> torch.Tensor:
-        return torch.sigmoid(self.logits(batch)[:, -1])
+        """Click probability of each window's target, through the serving path (prefill the
+        history, score the target): evaluation measures exactly what serving would return."""
+        items, labels, lengths = batch["items"], batch["labels"], batch["lengths"]
+        memory = self.prefill(items[:, :-1], labels[:, :-1], lengths - 1)
+        return torch.sigmoid(self.score(memory, items[:, -1:])[:, 0])
 
     # -- serving path --------------------------------------------------------------------
     @torch.no_grad()

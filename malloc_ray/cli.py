@@ -1,0 +1,118 @@
+"""`malloc-ray` command line: thin argument parsing over the library.
+
+Bad input (InputError) prints one line naming the file/row/key and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import yaml
+
+from malloc_ray.errors import InputError
+
+
+def _parse_hparam(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise InputError(f"expected KEY=VALUE, got {text!r}", key="--hparam")
+    key, value = text.split("=", 1)
+    return key, yaml.safe_load(value)
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train and evaluate one trial, print its metrics as JSON")
+    p.add_argument("--config", help="trial config YAML; flags given explicitly override it")
+    p.add_argument("--dataset", help="prepared dataset directory (malloc-ray data prepare)")
+    p.add_argument("--method")
+    p.add_argument("--depth", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--max-len", type=int, dest="max_len",
+                   help="interactions per window, target included")
+    p.add_argument("--d-model", type=int, dest="d_model")
+    p.add_argument("--heads", type=int, dest="num_heads")
+    p.add_argument("--batch-size", type=int, dest="batch_size")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--loss-positions", choices=["all", "last"], dest="loss_positions")
+    p.add_argument("--loader", choices=["local", "ray"])
+    p.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
+                   help="method hyperparameter (repeatable)")
+    p.add_argument("--smoke-test", action="store_true", help="one short epoch")
+    p.add_argument("--history", action="store_true", help="include per-epoch history")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args) -> int:
+    from malloc_ray.config import TrialConfig
+    from malloc_ray.train.trial import run_trial
+
+    raw: dict = {}
+    if args.config:
+        try:
+            with open(args.config) as f:
+                raw = yaml.safe_load(f) or {}
+        except OSError as exc:
+            raise InputError(f"cannot read: {exc.strerror}", file=args.config) from exc
+        if not isinstance(raw, dict):
+            raise InputError("expected a mapping of trial config keys", file=args.config)
+    flags = ("dataset", "method", "depth", "seed", "device", "epochs", "max_len", "d_model",
+             "num_heads", "batch_size", "lr", "loss_positions", "loader")
+    raw.update({k: getattr(args, k) for k in flags if getattr(args, k) is not None})
+    if args.hparam:
+        raw["hparams"] = {**raw.get("hparams", {}), **dict(map(_parse_hparam, args.hparam))}
+    if args.smoke_test:
+        raw.update(epochs=1, max_steps_per_epoch=5)
+    if "dataset" not in raw:
+        raise InputError("a dataset directory is required (--dataset DIR)", key="dataset")
+    cfg = TrialConfig.from_dict(raw)
+
+    def progress(record: dict) -> None:
+        print(f"epoch {record['epoch']}: train_loss={record['train_loss']:.4f} "
+              f"valid_auc={record['valid_auc']:.4f} ({record['seconds']:.1f}s)", file=sys.stderr)
+
+    result = run_trial(cfg, on_epoch=progress)
+    if not args.history:
+        result.pop("history", None)
+    print(json.dumps(result, indent=2, default=float))
+    return 0
+
+
+def _methods_parser(sub) -> None:
+    p = sub.add_parser("methods", help="list registered memory methods")
+    p.set_defaults(func=_cmd_methods)
+
+
+def _cmd_methods(args) -> int:
+    from malloc_ray.methods import REGISTRY, method_names
+
+    for name in method_names():
+        cls = REGISTRY[name]
+        print(f"{name:12s} category={cls.category:12s} workflow={cls.workflow}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from malloc_ray.data import commands as data_commands
+
+    parser = argparse.ArgumentParser(prog="malloc-ray", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    data_commands.register(sub)
+    _train_parser(sub)
+    _methods_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except InputError as exc:
+        print(f"malloc-ray: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

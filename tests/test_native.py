@@ -1,0 +1,77 @@
+"""Native KV cache vs recompute: the equivalences of methods.md §4.1 (fp32, dropout off)."""
+
+import torch
+
+from model_fixtures import history, random_batch, tiny_model
+
+LENGTHS = [23, 9, 5, 17, 23, 12]  # random-ish lengths -> left padding inside one batch
+
+
+def test_native_cached_request_equals_wo_mem_recompute():
+    native = tiny_model("native")
+    wo_mem = tiny_model("wo_mem")
+    wo_mem.load_state_dict(native.state_dict())
+    batch = random_batch(LENGTHS, seed=1)
+    target = batch["items"][:, -1:]
+    cached = native.score(native.prefill(*history(batch)), target)[:, 0]
+    recomputed = wo_mem.score(wo_mem.prefill(*history(batch)), target)[:, 0]
+    full = native.logits(batch)[:, -1].detach()
+    torch.testing.assert_close(cached, recomputed, rtol=0, atol=1e-5)
+    torch.testing.assert_close(cached, full, rtol=0, atol=1e-5)
+
+
+def test_prefill_plus_appended_interactions_equals_full_forward():
+    model = tiny_model("native")
+    batch = random_batch(LENGTHS, seed=2)
+    full = model.logits(batch).detach()
+    for delta in (1, 3):
+        memory = model.prefill(*history(batch, drop=1 + delta))
+        new = slice(-1 - delta, -1)
+        memory, appended = model.append(memory, batch["items"][:, new], batch["labels"][:, new])
+        torch.testing.assert_close(appended, full[:, new], rtol=0, atol=1e-5)
+        target = model.score(memory, batch["items"][:, -1:])[:, 0]
+        torch.testing.assert_close(target, full[:, -1], rtol=0, atol=1e-5)
+
+
+def test_candidate_order_does_not_change_any_score():
+    model = tiny_model("native")
+    batch = random_batch(LENGTHS, seed=3)
+    memory = model.prefill(*history(batch))
+    candidates = torch.randint(1, 60, (len(LENGTHS), 7), generator=torch.Generator().manual_seed(4))
+    scores = model.score(memory, candidates)
+    perm = torch.randperm(7, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(model.score(memory, candidates[:, perm]), scores[:, perm],
+                               rtol=0, atol=1e-5)
+    # and a candidate scored alone gets the same score as inside the slate
+    alone = model.score(memory, candidates[:, 2:3])[:, 0]
+    torch.testing.assert_close(alone, scores[:, 2], rtol=0, atol=1e-5)
+
+
+def test_score_depends_on_history_labels():
+    """Guards the tests above against a model that ignores its memory."""
+    model = tiny_model("native")
+    batch = random_batch(LENGTHS, seed=6)
+    items, labels, lengths = history(batch)
+    target = batch["items"][:, -1:]
+    base = model.score(model.prefill(items, labels, lengths), target)
+    flipped = model.score(model.prefill(items, 1 - labels, lengths), target)
+    assert (base - flipped).abs().max() > 1e-4
+
+
+def test_native_bytes_are_layers_x_2_tokens_x_kv_x_d_x_4():
+    from malloc_ray.metrics.cost import measure_user_bytes
+    from malloc_ray.metrics.paper_compat import native_bytes
+
+    model = tiny_model("native", layers=4)
+    for n_history in (1, 10, 30):  # L - 1 history interactions -> 2(L-1) cached tokens
+        measured = measure_user_bytes(model, n_history)["payload"]
+        assert measured == 4 * (2 * n_history) * 2 * 32 * 4
+        assert measured == native_bytes(4, 2 * n_history, 32)
+    assert measure_user_bytes(tiny_model("wo_mem"), 10)["payload"] == 0
+
+
+def test_predict_uses_serving_path_and_matches_training_forward():
+    model = tiny_model("native")
+    batch = random_batch(LENGTHS, seed=7)
+    torch.testing.assert_close(model.predict(batch), torch.sigmoid(model.logits(batch)[:, -1]).detach(),
+                               rtol=0, atol=1e-6)
