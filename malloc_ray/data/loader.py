@@ -1,0 +1,235 @@
+"""Dataset dir -> padded torch batches, from plain Python or from Ray Data.
+
+A sample (user u, prefix_len p) becomes the window of u's interactions
+[max(0, p - max_len + 1), p]: the history followed by the target in the LAST column.
+Rows are left-padded with item 0 / label 0 to the batch's longest window. Both iterators share
+`collate`, so they produce identical batches for the same samples in the same order.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from malloc_ray.data.prepare import SPLITS, read_meta
+from malloc_ray.errors import InputError
+
+LOSS_POSITIONS = ("last", "all")
+
+
+@dataclass
+class UserArrays:
+    """Flat sequences: user u's interactions are [offsets[u], offsets[u+1])."""
+
+    offsets: np.ndarray  # int64, len users + 1
+    items: np.ndarray  # int32
+    labels: np.ndarray  # int8
+
+
+@dataclass
+class Dataset:
+    path: Path
+    meta: dict
+    arrays: UserArrays
+    samples: pd.DataFrame  # user, prefix_len, split, user_len; sorted by (user, prefix_len)
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return self.arrays.offsets
+
+    @property
+    def items(self) -> np.ndarray:
+        return self.arrays.items
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.arrays.labels
+
+
+def load_dataset(directory: str | Path) -> Dataset:
+    """Read a dataset dir written by `malloc_ray.data.prepare` into numpy/pandas."""
+    path = Path(directory)
+    meta = read_meta(path)
+    users_file = path / "users.parquet"
+    users = pq.read_table(users_file, columns=["user", "items", "labels"])
+    if not np.array_equal(users.column("user").to_numpy(), np.arange(users.num_rows)):
+        raise InputError("users are not the dense ids 0..U-1 in order", file=str(users_file),
+                         key="user")
+    lengths = pc.list_value_length(users.column("items")).to_numpy(zero_copy_only=False)
+    arrays = UserArrays(
+        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        items=pc.list_flatten(users.column("items")).to_numpy().astype(np.int32, copy=False),
+        labels=pc.list_flatten(users.column("labels")).to_numpy().astype(np.int8, copy=False))
+    if arrays.items.size and not (0 < arrays.items.min() and
+                                  arrays.items.max() < meta["vocab_size"]):
+        raise InputError(f"item ids outside 1..{meta['vocab_size'] - 1}", file=str(users_file),
+                         key="items")
+    samples = pq.read_table(path / "samples.parquet").to_pandas()
+    return Dataset(path=path, meta=meta, arrays=arrays, samples=samples)
+
+
+def select_samples(ds: Dataset, split: str, max_len: int,
+                   loss_positions: str = "last") -> pd.DataFrame:
+    """Sample rows for one split.
+
+    valid/test: every row. train + "last": every row (loss on the target only). train + "all":
+    only window ends, (user_len - 3 - prefix_len) % max_len == 0, so the windows tile each
+    user's training part back from its last train target and every train interaction is in
+    exactly one window (the model puts a loss on every position).
+    """
+    _check_args(split, max_len, loss_positions)
+    s = ds.samples
+    keep = _selection_mask(s["split"].to_numpy(), s["prefix_len"].to_numpy(),
+                           s["user_len"].to_numpy(), split, max_len, loss_positions)
+    return s[keep].reset_index(drop=True)
+
+
+def _selection_mask(split_col: np.ndarray, prefix: np.ndarray, user_len: np.ndarray,
+                    split: str, max_len: int, loss_positions: str) -> np.ndarray:
+    keep = split_col == split
+    if split == "train" and loss_positions == "all":
+        keep &= (user_len.astype(np.int64) - 3 - prefix) % max_len == 0
+    return keep
+
+
+def _select_rows(batch: dict[str, np.ndarray], split: str, max_len: int,
+                 loss_positions: str) -> dict[str, np.ndarray]:
+    """Ray map_batches form of `select_samples` (same rule, on a numpy batch)."""
+    keep = _selection_mask(batch["split"].astype(str), batch["prefix_len"], batch["user_len"],
+                           split, max_len, loss_positions)
+    return {"user": batch["user"][keep], "prefix_len": batch["prefix_len"][keep]}
+
+
+def collate(data: Dataset | UserArrays, user_ids, prefix_lens, max_len: int
+            ) -> dict[str, torch.Tensor]:
+    """Windows for (user, prefix_len) pairs as a left-padded batch of int64 tensors."""
+    arrays = data.arrays if isinstance(data, Dataset) else data
+    user = np.array(user_ids, dtype=np.int64)  # a copy: Ray hands read-only arrays
+    prefix = np.asarray(prefix_lens, dtype=np.int64)
+    user_len = arrays.offsets[user + 1] - arrays.offsets[user]
+    if np.any((prefix < 0) | (prefix >= user_len)):
+        raise ValueError("prefix_len outside its user's sequence")  # would read another user
+    start = np.maximum(prefix - max_len + 1, 0)
+    lengths = prefix - start + 1
+    width = int(lengths.max()) if len(lengths) else 0
+    col = np.arange(width)[None, :] - (width - lengths)[:, None]  # index inside the window
+    real = col >= 0
+    flat = np.where(real, arrays.offsets[user][:, None] + start[:, None] + col, 0)
+    return {
+        "items": torch.from_numpy(np.where(real, arrays.items[flat], 0).astype(np.int64)),
+        "labels": torch.from_numpy(np.where(real, arrays.labels[flat], 0).astype(np.int64)),
+        "lengths": torch.from_numpy(lengths),
+        "user": torch.from_numpy(user),
+    }
+
+
+def local_batches(ds: Dataset, split: str, batch_size: int, max_len: int,
+                  loss_positions: str = "last", shuffle: bool = False, seed: int = 0,
+                  drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches in plain Python (tests, small runs); shuffled with a seeded permutation."""
+    rows = select_samples(ds, split, max_len, loss_positions)
+    user, prefix = rows["user"].to_numpy(), rows["prefix_len"].to_numpy()
+    order = np.random.default_rng(seed).permutation(len(rows)) if shuffle else np.arange(len(rows))
+    stop = len(order) - len(order) % batch_size if drop_last else len(order)
+    for lo in range(0, stop, batch_size):
+        take = order[lo:lo + batch_size]
+        yield collate(ds.arrays, user[take], prefix[take], max_len)
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Start a local Ray if none is running; join the cluster when RAY_ADDRESS is set."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()  # a cluster decides its own resources
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False)
+
+
+def ray_samples(ds: Dataset):
+    """The whole samples table as a Ray Dataset; materialize it once and hand it to trials."""
+    import ray.data
+
+    ensure_ray()
+    return ray.data.from_pandas(ds.samples)
+
+
+def ray_batches(ds: Dataset, split: str, batch_size: int, max_len: int,
+                loss_positions: str = "last", shuffle: bool = False, seed: int = 0,
+                drop_last: bool = False, samples=None, device: str = "cpu"
+                ) -> Iterator[dict[str, torch.Tensor]]:
+    """The same batches as `local_batches`, fed by Ray Data.
+
+    `samples` (default: `ray_samples(ds)`) is either a ray.data.Dataset with the samples
+    table's columns, which is filtered to `split` / `loss_positions` here (one materialized
+    table can serve every split and trial), or a DataIterator shard (`streaming_split`,
+    `ray.train.get_dataset_shard`) that already yields only the wanted (user, prefix_len) rows,
+    e.g. `ray.data.from_pandas(select_samples(...)).streaming_split(n)`, which is read as it
+    comes (shuffle before splitting). `ds` always supplies the sequences.
+    """
+    import ray.data
+
+    _check_args(split, max_len, loss_positions)
+    ensure_ray()
+    _quiet_and_ordered(ray.data.DataContext.get_current())
+    if samples is None:
+        samples = ray_samples(ds)
+    if isinstance(samples, ray.data.Dataset):
+        samples = samples.map_batches(_select_rows, batch_format="numpy", fn_kwargs=dict(
+            split=split, max_len=max_len, loss_positions=loss_positions))
+        if shuffle:
+            samples = samples.random_shuffle(seed=seed)
+        _quiet_and_ordered(samples.context)  # a dataset made elsewhere has its own context
+    elif shuffle:
+        raise InputError("cannot shuffle a DataIterator shard; shuffle the dataset before "
+                         "splitting it", key="shuffle")
+    return samples.iter_torch_batches(batch_size=batch_size, drop_last=drop_last,
+                                      collate_fn=_window_collate_class()(ds.arrays, max_len),
+                                      device=device)
+
+
+def _quiet_and_ordered(context) -> None:
+    """No progress bars in trial logs; a deterministic order (also of a seeded shuffle)."""
+    context.enable_progress_bars = False
+    context.execution_options.preserve_order = True
+
+
+def _check_args(split: str, max_len: int, loss_positions: str) -> None:
+    if split not in SPLITS:
+        raise InputError(f"unknown split {split!r} (choose from {', '.join(SPLITS)})",
+                         key="split")
+    if max_len < 2:
+        raise InputError(f"max_len must be >= 2 (history + target), got {max_len}",
+                         key="max_len")
+    if loss_positions not in LOSS_POSITIONS:
+        raise InputError(f"loss_positions must be one of {', '.join(LOSS_POSITIONS)}, got "
+                         f"{loss_positions!r}", key="loss_positions")
+
+
+@lru_cache(maxsize=1)
+def _window_collate_class() -> type:
+    """Built on first use so that importing this module does not import Ray Data (~1.5 s)."""
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class WindowCollate(NumpyBatchCollateFn):
+        """Numpy batch of sample rows -> `collate` (Ray 2.60 deprecates plain functions)."""
+
+        def __init__(self, arrays: UserArrays, max_len: int):
+            super().__init__()
+            self.arrays, self.max_len = arrays, max_len
+
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+            return collate(self.arrays, batch["user"], batch["prefix_len"], self.max_len)
+
+    return WindowCollate

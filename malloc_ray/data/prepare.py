@@ -1,0 +1,301 @@
+"""Source reader -> validated, split dataset directory (written atomically) + Table 1 stats.
+
+Layout and split protocol: docs/data.md. Other packages read exactly these files, so the column
+names and dtypes here are a contract.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from malloc_ray.data.sources import SOURCES, InteractionLog
+from malloc_ray.errors import InputError
+
+FORMAT_VERSION = 1
+MIN_INTERACTIONS = 3  # one train history item, a valid target and a test target
+SPLITS = ("train", "valid", "test")
+SPLIT_PROTOCOL = (
+    "Per-user chronological leave-one-out: a user's last interaction is the test target, the "
+    "second-to-last the valid target, and every earlier one except the first is a train target "
+    "(prefix_len 1..n-3), each scored from all the user's earlier interactions.")
+STATS_KEYS = ("users", "items", "interactions", "max_length", "avg_length", "positive_rate")
+META_KEYS = ("format_version", "dataset_id", "name", "source", "stats", "vocab_size", "splits",
+             "split_protocol", "dropped_users")
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Sequences:
+    """Users' chronological sequences, flat; user u owns [offsets[u], offsets[u+1])."""
+
+    raw_users: np.ndarray  # int64, index = dense user id
+    raw_items: np.ndarray  # int64, index = dense item id - 1
+    lengths: np.ndarray  # int64
+    items: np.ndarray  # int32, dense ids 1..V
+    labels: np.ndarray  # int8
+    ts: np.ndarray  # int64
+    dropped_users: int
+
+
+def prepare(source: str, out: str | Path, *, overwrite: bool = False,
+            max_seq_len: int | None = None, drop_short_users: bool = False,
+            name: str | None = None, progress: Progress | None = None, **options) -> dict:
+    """Read `source` (a key of SOURCES) with `options` and write the dataset dir `out`.
+
+    Returns the meta dict written to meta.json.
+    """
+    say = progress or (lambda _msg: None)
+    if source not in SOURCES:
+        raise InputError(f"unknown source {source!r} (choose from {', '.join(SOURCES)})",
+                         key="source")
+    args = _bind(SOURCES[source], options)
+    _check_target(Path(out), overwrite)  # fail before a long read, not after
+    say(f"reading {source} ...")
+    log = SOURCES[source](**args)
+    say(f"read {len(log):,} interactions of {len(np.unique(log.user)):,} users")
+    recorded = {"kind": source, **{k: str(v) if isinstance(v, Path) else v
+                                   for k, v in args.items()},
+                "max_seq_len": max_seq_len, "drop_short_users": drop_short_users}
+    default_name = (f"synthetic-{args['profile']}" if source == "synthetic"
+                    else Path(args["path"]).stem)
+    return write_dataset(log, out, name=name or default_name, source=recorded,
+                         overwrite=overwrite, max_seq_len=max_seq_len,
+                         drop_short_users=drop_short_users, progress=say)
+
+
+def write_dataset(log: InteractionLog, out: str | Path, *, name: str, source: dict,
+                  overwrite: bool = False, max_seq_len: int | None = None,
+                  drop_short_users: bool = False, progress: Progress | None = None) -> dict:
+    """Sort, truncate, split and atomically write `log` as a dataset dir; returns meta."""
+    say = progress or (lambda _msg: None)
+    out = Path(out)
+    _check_target(out, overwrite)
+    seqs = build_sequences(log, max_seq_len=max_seq_len, drop_short_users=drop_short_users)
+    samples = build_samples(seqs.lengths)
+    say(f"{len(seqs.lengths):,} users, {len(seqs.items):,} interactions, "
+        f"{len(seqs.raw_items):,} items, {len(samples['user']):,} samples"
+        + (f" ({seqs.dropped_users:,} short users dropped)" if seqs.dropped_users else ""))
+    meta = _meta(seqs, samples, name, source)
+    say(f"writing {out} (dataset_id {meta['dataset_id']})")
+    _atomic_write(out, overwrite, lambda tmp: _write_files(tmp, seqs, samples, meta))
+    return meta
+
+
+def build_sequences(log: InteractionLog, *, max_seq_len: int | None = None,
+                    drop_short_users: bool = False) -> Sequences:
+    """Dense ids, per-user chronological order (ties keep file order), most recent max_seq_len."""
+    if max_seq_len is not None and max_seq_len < MIN_INTERACTIONS:
+        raise InputError(f"max_seq_len must be >= {MIN_INTERACTIONS}, got {max_seq_len}",
+                         key="max_seq_len")
+    raw_users, uidx = np.unique(log.user, return_inverse=True)
+    counts = np.bincount(uidx, minlength=len(raw_users))
+    short = counts < MIN_INTERACTIONS
+    if short.any() and not drop_short_users:
+        _raise_short_user(log, uidx, raw_users, counts, short)
+    key = log.ts if log.sort_key is None else log.sort_key
+    order = np.lexsort((np.arange(len(uidx)), key, uidx))
+    order = order[~short[uidx[order]]]
+    if len(order) == 0:
+        raise InputError(f"no user has at least {MIN_INTERACTIONS} interactions", file=log.file)
+    user = uidx[order]
+    if max_seq_len is not None:
+        # Rows are grouped by user, so position-from-the-end is count - 1 - rank in group.
+        starts = np.searchsorted(user, user, side="left")
+        from_end = counts[user] - 1 - (np.arange(len(user)) - starts)
+        order, user = order[from_end < max_seq_len], user[from_end < max_seq_len]
+    kept_users, user = np.unique(user, return_inverse=True)
+    raw_items, item = np.unique(log.item[order], return_inverse=True)
+    return Sequences(raw_users=raw_users[kept_users], raw_items=raw_items,
+                     lengths=np.bincount(user, minlength=len(kept_users)).astype(np.int64),
+                     items=(item + 1).astype(np.int32), labels=log.label[order].astype(np.int8),
+                     ts=log.ts[order].astype(np.int64), dropped_users=int(short.sum()))
+
+
+def _raise_short_user(log: InteractionLog, uidx: np.ndarray, raw_users: np.ndarray,
+                      counts: np.ndarray, short: np.ndarray) -> None:
+    first_row = np.flatnonzero(short[uidx])[0]  # file order: the first short user met
+    u = uidx[first_row]
+    raise InputError(
+        f"user {raw_users[u]} has {counts[u]} interaction(s), first at this row; every user "
+        f"needs at least {MIN_INTERACTIONS} (history, valid and test targets); "
+        f"{int(short.sum())} user(s) are this short: drop them with drop_short_users=True "
+        f"(--drop-short-users)",
+        file=log.file, row=int(first_row) + 1 if log.file else None)
+
+
+def build_samples(lengths: np.ndarray) -> dict[str, np.ndarray]:
+    """One row per target: prefix_len 1..n-1 of each user; split by the leave-one-out rule."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    per_user = lengths - 1
+    user = np.repeat(np.arange(len(lengths), dtype=np.int64), per_user)
+    first = np.repeat(np.cumsum(per_user) - per_user, per_user)
+    prefix = np.arange(len(user), dtype=np.int64) - first + 1
+    user_len = lengths[user]
+    split = np.zeros(len(user), dtype=np.int8)  # index into SPLITS
+    split[prefix == user_len - 2] = 1
+    split[prefix == user_len - 1] = 2
+    return {"user": user, "prefix_len": prefix.astype(np.int32), "split": split,
+            "user_len": user_len.astype(np.int32)}
+
+
+def dataset_id(seqs: Sequences, samples: dict[str, np.ndarray]) -> str:
+    """Hash of the canonical arrays (not of parquet bytes, which vary with library versions)."""
+    digest = hashlib.sha256(f"malloc-ray dataset v{FORMAT_VERSION}".encode())
+    arrays = {"lengths": seqs.lengths.astype("<i8"), "items": seqs.items.astype("<i4"),
+              "labels": seqs.labels.astype("i1"), "ts": seqs.ts.astype("<i8"),
+              "s.user": samples["user"].astype("<i8"),
+              "s.prefix_len": samples["prefix_len"].astype("<i4"),
+              "s.split": samples["split"].astype("i1"),
+              "s.user_len": samples["user_len"].astype("<i4")}
+    for key, arr in arrays.items():
+        digest.update(f"{key}:{arr.dtype.str}:{len(arr)};".encode())
+        digest.update(np.ascontiguousarray(arr).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _meta(seqs: Sequences, samples: dict[str, np.ndarray], name: str, source: dict) -> dict:
+    split_counts = np.bincount(samples["split"], minlength=len(SPLITS))
+    stats = {
+        "users": int(len(seqs.lengths)),
+        "items": int(len(seqs.raw_items)),
+        "interactions": int(len(seqs.items)),
+        "max_length": int(seqs.lengths.max()),
+        "avg_length": round(float(seqs.lengths.mean()), 4),
+        "positive_rate": round(float(seqs.labels.mean()), 4),
+    }
+    return {"format_version": FORMAT_VERSION, "dataset_id": dataset_id(seqs, samples),
+            "name": name, "source": source, "stats": stats,
+            "vocab_size": int(len(seqs.raw_items)) + 1,
+            "splits": {s: int(n) for s, n in zip(SPLITS, split_counts)},
+            "split_protocol": SPLIT_PROTOCOL, "dropped_users": seqs.dropped_users}
+
+
+def _write_files(target: Path, seqs: Sequences, samples: dict[str, np.ndarray],
+                 meta: dict) -> None:
+    offsets = pa.array(np.concatenate([[0], np.cumsum(seqs.lengths)]).astype(np.int32))
+
+    def as_lists(values: np.ndarray) -> pa.ListArray:
+        return pa.ListArray.from_arrays(offsets, pa.array(values))
+
+    pq.write_table(pa.table({
+        "user": pa.array(np.arange(len(seqs.lengths), dtype=np.int64)),
+        "raw_user": pa.array(seqs.raw_users.astype(str)),
+        "items": as_lists(seqs.items), "labels": as_lists(seqs.labels),
+        "ts": as_lists(seqs.ts)}), target / "users.parquet")
+    pq.write_table(pa.table({
+        "item": pa.array(np.arange(1, len(seqs.raw_items) + 1, dtype=np.int32)),
+        "raw_item": pa.array(seqs.raw_items.astype(str))}), target / "items.parquet")
+    pq.write_table(pa.table({
+        "user": pa.array(samples["user"]), "prefix_len": pa.array(samples["prefix_len"]),
+        "split": pa.array(np.array(SPLITS)[samples["split"]]),
+        "user_len": pa.array(samples["user_len"])}), target / "samples.parquet")
+    (target / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _check_target(out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        return
+    if not overwrite:
+        raise InputError("output already exists; pass overwrite=True (--overwrite) to replace "
+                         "it", file=str(out))
+    # Overwrite removes the old dir: only ever do that to a dataset (or an empty dir).
+    if not out.is_dir() or (any(out.iterdir()) and not (out / "meta.json").is_file()):
+        raise InputError("refusing to overwrite: not a dataset directory (no meta.json)",
+                         file=str(out))
+
+
+def _atomic_write(out: Path, overwrite: bool, write: Callable[[Path], None]) -> None:
+    """Write into <out>.tmp-<random> beside `out`, then rename it into place.
+
+    On any error the temp dir is removed and an existing `out` is left as it was.
+    """
+    _check_target(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{secrets.token_hex(6)}")
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if out.exists():
+            old = out.with_name(f"{out.name}.old-{secrets.token_hex(6)}")
+            os.replace(out, old)  # a dir cannot be renamed over a non-empty dir
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _bind(reader: Callable, options: dict) -> dict:
+    """Reader arguments with defaults filled in, so meta.json records every setting."""
+    try:
+        bound = inspect.signature(reader).bind(**options)
+    except TypeError as exc:
+        raise InputError(f"bad options for this source: {exc}", key="source") from exc
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def read_meta(directory: str | Path) -> dict:
+    """meta.json of a dataset dir, checked for the keys and format version this code knows."""
+    path = Path(directory) / "meta.json"
+    if not path.is_file():
+        raise InputError("not a dataset directory (no meta.json)", file=str(directory))
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"invalid JSON ({exc})", file=str(path)) from exc
+    if not isinstance(meta, dict):
+        raise InputError("expected a JSON object", file=str(path))
+    for key in META_KEYS:
+        if key not in meta:
+            raise InputError("missing key", file=str(path), key=key)
+    if meta["format_version"] != FORMAT_VERSION:
+        raise InputError(f"format_version {meta['format_version']!r} is not supported "
+                         f"(expected {FORMAT_VERSION}); prepare the dataset again",
+                         file=str(path), key="format_version")
+    for key in STATS_KEYS:
+        if not isinstance(meta["stats"], dict) or key not in meta["stats"]:
+            raise InputError("missing key", file=str(path), key=f"stats.{key}")
+    return meta
+
+
+def dataset_stats(directory: str | Path) -> dict:
+    """The dataset's Table 1 row: name, dataset_id and STATS_KEYS."""
+    meta = read_meta(directory)
+    return {"name": meta["name"], "dataset_id": meta["dataset_id"],
+            **{k: meta["stats"][k] for k in STATS_KEYS}}
+
+
+def format_stats(rows: list[dict]) -> str:
+    """Rows of `dataset_stats` as a plain-text table laid out like the paper's Table 1."""
+    header = ["Dataset", "Users", "Items", "Interactions", "Max length", "Avg length",
+              "Positive rate"]
+    body = [[r["name"], f"{r['users']:,}", f"{r['items']:,}", f"{r['interactions']:,}",
+             f"{r['max_length']:,}", f"{r['avg_length']:.2f}", f"{r['positive_rate']:.2f}"]
+            for r in rows]
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+
+    def fmt(line: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(line, widths)))
+
+    return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, body)])

@@ -1,0 +1,215 @@
+"""Generic interaction log reader: one row per (user, item, timestamp, label-or-rating).
+
+CSV/TSV (by extension) or parquet. Every bad value raises `InputError` naming the file and the
+1-based *data* row: the CSV header is not counted, so data row N is file line N + 1 (the
+message shows both). Validation is vectorised per record batch with pyarrow compute.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from malloc_ray.errors import InputError
+
+_INT_RE = r"^\s*\+?\d{1,18}\s*$"
+_NEG_INT_RE = r"^\s*-\d+\s*$"
+_NUM_RE = r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$"
+_LABEL_RE = r"^\s*[01](\.0*)?\s*$"
+_BATCH_ROWS = 1 << 20  # parquet rows per validated batch
+_CSV_BLOCK_BYTES = 16 << 20  # CSV bytes per validated batch
+
+
+@dataclass
+class InteractionLog:
+    """Raw interactions in file order, ids still the source's own (non-negative integers).
+
+    `file` is the path shown in error messages; row i of the arrays is data row i + 1 there.
+    `sort_key` orders interactions in time when timestamps have fractions (else None: use ts).
+    """
+
+    user: np.ndarray  # int64
+    item: np.ndarray  # int64
+    label: np.ndarray  # int8, 0/1
+    ts: np.ndarray  # int64
+    file: str | None = None
+    sort_key: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.user)
+
+
+def read_log(path: str | Path, *, user_col: str = "user", item_col: str = "item",
+             time_col: str = "timestamp", label_col: str | None = "label",
+             rating_col: str | None = None, rating_threshold: float | None = None,
+             delimiter: str | None = None) -> InteractionLog:
+    """Read and validate an interaction log.
+
+    The label is `label_col` (values 0/1) unless `rating_col` is given, in which case
+    label = rating >= rating_threshold. Format follows the extension: .parquet/.pq, .tsv/.inter
+    (tab) or anything else as CSV (comma) unless `delimiter` is given.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("no such file", file=str(path))
+    if rating_col is not None:
+        if rating_threshold is None:
+            raise InputError("rating_col needs a rating_threshold", key="rating_threshold")
+        value_col = rating_col
+    elif label_col is not None:
+        value_col = label_col
+    else:
+        raise InputError("give label_col or rating_col", key="label_col")
+    columns = [user_col, item_col, time_col, value_col]
+    parts = []
+    for row0, batch in _batches(path, columns, delimiter):
+        parts.append(_convert(batch, columns, rating_col is not None, rating_threshold,
+                              str(path), row0))
+    if not parts or sum(len(p[0]) for p in parts) == 0:
+        raise InputError("no interactions in file", file=str(path))
+    user, item, label, ts, key = (np.concatenate(cols) for cols in zip(*parts))
+    fractional = bool(np.any(key != ts))
+    return InteractionLog(user, item, label, ts, file=str(path),
+                          sort_key=key if fractional else None)
+
+
+def _batches(path: Path, columns: list[str], delimiter: str | None
+             ) -> Iterator[tuple[int, pa.RecordBatch]]:
+    """Yield (1-based data row of the batch's first row, batch of string columns)."""
+    if path.suffix.lower() in (".parquet", ".pq"):
+        yield from _parquet_batches(path, columns)
+    else:
+        if delimiter is None:
+            delimiter = "\t" if path.suffix.lower() in (".tsv", ".inter") else ","
+        yield from _csv_batches(path, columns, delimiter)
+
+
+def _parquet_batches(path: Path, columns: list[str]) -> Iterator[tuple[int, pa.RecordBatch]]:
+    try:
+        pfile = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"not a readable parquet file ({exc})", file=str(path)) from exc
+    _require_columns(pfile.schema_arrow.names, columns, path)
+    row0 = 1
+    for batch in pfile.iter_batches(batch_size=_BATCH_ROWS, columns=columns):
+        # One validation path for every input type: typed columns become their text form.
+        batch = pa.RecordBatch.from_arrays(
+            [pc.cast(batch.column(c), pa.string()) for c in columns], names=columns)
+        yield row0, batch
+        row0 += batch.num_rows
+
+
+def _csv_batches(path: Path, columns: list[str], delimiter: str
+                 ) -> Iterator[tuple[int, pa.RecordBatch]]:
+    header = read_header(path, delimiter)
+    _require_columns(header, columns, path)
+    bad_lines: list[tuple[int, int, int]] = []
+
+    def on_invalid_row(row: pacsv.InvalidRow) -> str:
+        bad_lines.append((row.number, row.expected_columns, row.actual_columns))
+        return "error"
+
+    # Single-threaded parsing is what makes pyarrow report the physical line of a bad row;
+    # empty lines are kept so that row numbers match the file (an empty line is malformed).
+    read_options = pacsv.ReadOptions(use_threads=False, column_names=header, skip_rows=1,
+                                     block_size=_CSV_BLOCK_BYTES)
+    parse_options = pacsv.ParseOptions(delimiter=delimiter, ignore_empty_lines=False,
+                                       invalid_row_handler=on_invalid_row)
+    convert_options = pacsv.ConvertOptions(include_columns=columns,
+                                           column_types={c: pa.string() for c in columns})
+    row0 = 1
+    try:  # open_csv parses the first block already, so it can fail like the reads
+        reader = pacsv.open_csv(path, read_options=read_options, parse_options=parse_options,
+                                convert_options=convert_options)
+        for batch in reader:
+            yield row0, batch
+            row0 += batch.num_rows
+    except pa.ArrowInvalid as exc:
+        if bad_lines:
+            line, expected, actual = bad_lines[0]
+            raise InputError(f"malformed row (file line {line}): expected {expected} columns, "
+                             f"got {actual}", file=str(path), row=line - 1) from exc
+        raise InputError(f"unreadable CSV ({exc})", file=str(path)) from exc
+
+
+def read_header(path: Path, delimiter: str) -> list[str]:
+    """Column names from the first line (read here so every column can be typed as text)."""
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        try:
+            return next(csv.reader(fh, delimiter=delimiter))
+        except StopIteration:
+            raise InputError("empty file (no header row)", file=str(path)) from None
+        except UnicodeDecodeError as exc:
+            raise InputError(f"not UTF-8 text ({exc})", file=str(path)) from exc
+
+
+def _require_columns(present: list[str], needed: list[str], path: Path) -> None:
+    for col in needed:
+        if col not in present:
+            raise InputError(f"column {col!r} not found (columns: {', '.join(present)})",
+                             file=str(path), key=col)
+
+
+def _convert(batch: pa.RecordBatch, columns: list[str], is_rating: bool,
+             threshold: float | None, file: str, row0: int):
+    user_col, item_col, time_col, value_col = columns
+    for col in columns:
+        _check_present(batch.column(col), col, file, row0)
+    user = _ids(batch.column(user_col), "user", user_col, file, row0)
+    item = _ids(batch.column(item_col), "item", item_col, file, row0)
+    ts, key = _timestamps(batch.column(time_col), time_col, file, row0)
+    values = batch.column(value_col)
+    if is_rating:
+        _check_regex(values, _NUM_RE, f"non-numeric rating in column {value_col!r}", file, row0)
+        label = (_floats(values) >= threshold).astype(np.int8)
+    else:
+        _check_regex(values, _LABEL_RE, f"label in column {value_col!r} is not 0 or 1",
+                     file, row0)
+        label = _floats(values).astype(np.int8)
+    return user, item, label, ts, key
+
+
+def _check_present(arr: pa.Array, col: str, file: str, row0: int) -> None:
+    missing = pc.or_kleene(pc.is_null(arr), pc.equal(pc.utf8_trim_whitespace(arr), ""))
+    _raise_first(missing, f"missing value in column {col!r}", arr, file, row0)
+
+
+def _ids(arr: pa.Array, what: str, col: str, file: str, row0: int) -> np.ndarray:
+    negative = pc.match_substring_regex(arr, _NEG_INT_RE)
+    _raise_first(negative, f"negative {what} id in column {col!r}", arr, file, row0)
+    _check_regex(arr, _INT_RE, f"non-integer {what} id in column {col!r}", file, row0)
+    return pc.cast(pc.utf8_trim_whitespace(arr), pa.int64()).to_numpy(zero_copy_only=False)
+
+
+def _timestamps(arr: pa.Array, col: str, file: str, row0: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return (int64 timestamps, sort key). Integer text stays exact even beyond 2**53."""
+    _check_regex(arr, _NUM_RE, f"non-numeric timestamp in column {col!r}", file, row0)
+    if pc.all(pc.match_substring_regex(arr, _INT_RE)).as_py():
+        ts = pc.cast(pc.utf8_trim_whitespace(arr), pa.int64()).to_numpy(zero_copy_only=False)
+        return ts, ts
+    key = _floats(arr)
+    return np.floor(key).astype(np.int64), key
+
+
+def _floats(arr: pa.Array) -> np.ndarray:
+    return pc.cast(pc.utf8_trim_whitespace(arr), pa.float64()).to_numpy(zero_copy_only=False)
+
+
+def _check_regex(arr: pa.Array, pattern: str, message: str, file: str, row0: int) -> None:
+    _raise_first(pc.invert(pc.match_substring_regex(arr, pattern)), message, arr, file, row0)
+
+
+def _raise_first(bad: pa.Array, message: str, arr: pa.Array, file: str, row0: int) -> None:
+    if not pc.any(bad).as_py():
+        return
+    i = int(pc.index(bad, True).as_py())
+    value = arr[i].as_py()
+    raise InputError(f"{message}: {value!r}", file=file, row=row0 + i)

@@ -1,0 +1,143 @@
+"""Loader: window content and left padding, sample selection, Ray == local."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from malloc_ray.data.loader import (collate, load_dataset, local_batches, ray_batches,
+                                    ray_samples, select_samples)
+from malloc_ray.data.prepare import prepare
+from malloc_ray.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+    out = tmp_path_factory.mktemp("loader") / "ds"
+    prepare("synthetic", out, profile="kuaivideo", users=40, max_len=48, seed=0)
+    return load_dataset(out)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _sequence(ds, user):
+    lo, hi = ds.offsets[user], ds.offsets[user + 1]
+    return ds.items[lo:hi], ds.labels[lo:hi]
+
+
+def test_load_dataset_arrays(ds):
+    users = ds.meta["stats"]["users"]
+    assert len(ds.offsets) == users + 1 and ds.offsets[-1] == len(ds.items) == len(ds.labels)
+    assert list(ds.samples.columns) == ["user", "prefix_len", "split", "user_len"]
+    assert np.array_equal(np.diff(ds.offsets)[ds.samples["user"]], ds.samples["user_len"])
+
+
+def test_collate_windows_are_left_padded_slices(ds):
+    user = np.array([0, 3, 3, 5])
+    n3, n5 = np.diff(ds.offsets)[[3, 5]]
+    prefix = np.array([1, 2, n3 - 1, min(9, n5 - 1)])
+    max_len = 6
+    batch = collate(ds, user, prefix, max_len)
+    assert set(batch) == {"items", "labels", "lengths", "user"}
+    assert all(t.dtype == torch.int64 for t in batch.values())
+    width = batch["items"].shape[1]
+    assert width == max_len == int(batch["lengths"].max())
+    for row, (u, p) in enumerate(zip(user, prefix)):
+        items, labels = _sequence(ds, u)
+        start = max(0, p - max_len + 1)
+        n = p - start + 1
+        assert batch["lengths"][row] == n
+        assert batch["items"][row, width - n:].tolist() == items[start:p + 1].tolist()
+        assert batch["labels"][row, width - n:].tolist() == labels[start:p + 1].tolist()
+        assert batch["items"][row, :width - n].eq(0).all()
+        assert batch["labels"][row, :width - n].eq(0).all()
+        assert batch["labels"][row, -1] == labels[p]  # the target is the last column
+    assert batch["user"].tolist() == user.tolist()
+
+
+def test_batch_width_is_longest_window(ds):
+    batch = collate(ds, [0, 1], [1, 2], max_len=50)
+    assert batch["items"].shape == (2, 3) and batch["lengths"].tolist() == [2, 3]
+    with pytest.raises(ValueError, match="outside"):
+        collate(ds, [0], [np.diff(ds.offsets)[0]], max_len=50)
+
+
+def test_select_samples_last_and_all(ds):
+    max_len = 8
+    valid = select_samples(ds, "valid", max_len)
+    assert (valid["prefix_len"] == valid["user_len"] - 2).all()
+    assert len(valid) == ds.meta["splits"]["valid"]
+    last = select_samples(ds, "train", max_len, "last")
+    assert len(last) == ds.meta["splits"]["train"]
+    ends = select_samples(ds, "train", max_len, "all")
+    assert len(ends) < len(last)
+    for user, rows in ends.groupby("user"):
+        n = int(rows["user_len"].iloc[0])
+        covered = Counter()
+        for p in rows["prefix_len"]:
+            covered.update(range(max(0, p - max_len + 1), p + 1))
+        # every train target position 1..n-3 lies in exactly one window
+        assert all(covered[i] == 1 for i in range(1, n - 2)), user
+        assert set(covered) <= set(range(n - 2))
+    with pytest.raises(InputError, match="split"):
+        select_samples(ds, "dev", max_len)
+    with pytest.raises(InputError, match="loss_positions"):
+        select_samples(ds, "train", max_len, "some")
+
+
+def test_local_batches_cover_split_and_shuffle_by_seed(ds):
+    def keys(batches):
+        return [(u, int(b["labels"].shape[1] - n)) for b in batches
+                for u, n in zip(b["user"].tolist(), b["lengths"].tolist())]
+
+    plain = list(local_batches(ds, "train", 32, 16))
+    assert sum(len(b["user"]) for b in plain) == ds.meta["splits"]["train"]
+    assert all(len(b["user"]) == 32 for b in plain[:-1])
+    one = list(local_batches(ds, "train", 32, 16, shuffle=True, seed=1))
+    again = list(local_batches(ds, "train", 32, 16, shuffle=True, seed=1))
+    other = list(local_batches(ds, "train", 32, 16, shuffle=True, seed=2))
+    assert all(torch.equal(a["items"], b["items"]) for a, b in zip(one, again))
+    assert one[0]["user"].tolist() != other[0]["user"].tolist()
+    assert len(list(local_batches(ds, "train", 32, 16, drop_last=True))) == len(plain) - (
+        ds.meta["splits"]["train"] % 32 > 0)
+    assert keys(plain) != keys(one)
+
+
+def _rows(batches):
+    """Each sample's unpadded window, to compare sample multisets across batchings."""
+    out = []
+    for b in batches:
+        for i, n in enumerate(b["lengths"].tolist()):
+            out.append((int(b["user"][i]), tuple(b["items"][i, -n:].tolist()),
+                        tuple(b["labels"][i, -n:].tolist())))
+    return sorted(out)
+
+
+def test_ray_batches_equal_local_batches(ds, ray_cluster):
+    args = dict(split="train", batch_size=64, max_len=12, loss_positions="all")
+    local = list(local_batches(ds, **args))
+    via_ray = list(ray_batches(ds, **args))
+    assert len(local) == len(via_ray)
+    for a, b in zip(local, via_ray):
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)  # same rows, same padding
+    table = ray_samples(ds).materialize()  # what a trial gets via tune.with_parameters
+    for split in ("valid", "train"):
+        args = dict(split=split, batch_size=50, max_len=12)
+        assert _rows(ray_batches(ds, samples=table, **args)) == _rows(local_batches(ds, **args))
+    args = dict(split="train", batch_size=50, max_len=12, shuffle=True)
+    shuffled = list(ray_batches(ds, samples=table, seed=3, **args))
+    assert _rows(shuffled) == _rows(local_batches(ds, "train", 50, 12))
+    again = list(ray_batches(ds, samples=table, seed=3, **args))
+    assert all(torch.equal(a["user"], b["user"]) for a, b in zip(shuffled, again))
+    unshuffled = next(local_batches(ds, "train", 50, 12))
+    assert shuffled[0]["user"].tolist() != unshuffled["user"].tolist()
+    first = shuffled[0]
+    assert first["items"].shape[1] == int(first["lengths"].max())
