@@ -53,6 +53,12 @@ class CTRModel(nn.Module):
         self.blocks = nn.ModuleList(HSTUBlock(cfg, self.method(cfg, self.hp))
                                     for _ in range(cfg.num_layers))
         self.final_norm = nn.LayerNorm(cfg.d_model)
+        # Small embeddings: with N(0, 1) the tied head's initial logits have std ~ sqrt(2d),
+        # which starts training at a loss of 2+ and saturates the sigmoid.
+        nn.init.normal_(self.item_emb.weight, std=0.02)
+        nn.init.normal_(self.label_emb.weight, std=0.02)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()  # padding_idx row
 
     # -- tokens ---------------------------------------------------------------------------
     def interleave(self, items, labels, lengths, start=None):
