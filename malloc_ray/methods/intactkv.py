@@ -1,0 +1,48 @@
+"""IntactKV: keep pivot tokens in full precision, quantize the rest (methods.md §4.11).
+
+Post-hoc on Native's weights, with no retraining. In the LLM paper the pivots are a shared
+prefix ([BOS] or the system prompt) whose KV is computed once, in full precision, for every
+request. A CTR user sequence has no shared prefix, and adding a learned [BOS] token would need
+retraining, so the pivots here are the first `pivots` history tokens of each user (default 1:
+the item token i_1): their K,V stay fp32, bit-identical to Native's, and are counted per user.
+
+Every other token is quantized per token, keys and values alike, over groups of `group_size`
+channels (asymmetric min-max, as the reference's per-token `UniformAffineQuantizer`), as soon
+as it is stored: per-token groups need no residual window, so IntactKV has none. The cache
+layout and serving path are KIVI's (`kivi.py`) with pivots instead of a residual window and
+keys grouped along channels instead of tokens. Details: docs/methods/intactkv.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from malloc_ray.methods import quant
+from malloc_ray.methods.base import register
+from malloc_ray.methods.kivi import KIVI
+
+
+@register
+class IntactKV(KIVI):
+    name = "intactkv"
+    category = "precision"
+    workflow = "post-hoc"
+
+    @dataclass(frozen=True)
+    class Hparams:
+        bits: int = 2         # 2, 4, 8, or 16 = keep fp32
+        group_size: int = 32  # channels per quantization group (per token, keys and values)
+        pivots: int = 1       # a user's first history tokens kept fp32
+
+        def __post_init__(self):
+            quant.check_bits(self.bits)
+            if not isinstance(self.group_size, int) or self.group_size < 1:
+                raise ValueError(f"group_size must be an int >= 1, got {self.group_size!r}")
+            if not isinstance(self.pivots, int) or self.pivots < 0:
+                raise ValueError(f"pivots must be an int >= 0, got {self.pivots!r}")
+
+    key_groups_along_tokens = False  # per-token keys: every token is quantized on its own
+
+    @classmethod
+    def layout(cls, hp):
+        return hp.pivots, 0, 1
