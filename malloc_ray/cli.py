@@ -94,6 +94,42 @@ def _cmd_methods(args) -> int:
     return 0
 
 
+def _study_parser(sub) -> None:
+    p = sub.add_parser("study", help="run a study (Ray Tune + MLflow) from a YAML spec")
+    study_sub = p.add_subparsers(dest="study_command", required=True)
+    for name, help_text in (("run", "run every unfinished cell of a study"),
+                            ("resume", "finish an interrupted study (same as run: finished "
+                                       "cells are skipped)")):
+        q = study_sub.add_parser(name, help=help_text)
+        q.add_argument("spec", help="study YAML, e.g. experiments/quickstart.yaml")
+        q.add_argument("--smoke-test", action="store_true",
+                       help="shrink data, model, depths and seeds to a minutes-long run")
+        q.add_argument("--retry-failed", action="store_true",
+                       help="also re-run cells whose status is not ok")
+        q.add_argument("--output-dir", help="override the spec's output_dir")
+        q.set_defaults(func=_cmd_study)
+
+
+def _cmd_study(args) -> int:
+    from malloc_ray.study.run import run_study
+    from malloc_ray.study.spec import load_spec
+
+    spec = load_spec(args.spec)
+    if args.output_dir:
+        spec.output_dir = args.output_dir
+    if args.smoke_test:
+        spec.name = f"{spec.name}-smoke"
+    table = run_study(spec, smoke_test=args.smoke_test, retry_failed=args.retry_failed)
+    cols = ["dataset", "method", "depth", "seed", "status", "auc", "gauc", "logloss",
+            "kv_bytes_per_user", "macs_per_request"]
+    print(table[cols].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    tracking = spec.mlflow_tracking_uri or f"sqlite:///{spec.study_dir / 'mlflow.db'}"
+    print(f"\ntrials table: {spec.study_dir / 'trials.parquet'}\n"
+          f"MLflow UI:    mlflow ui --backend-store-uri {tracking} --host 127.0.0.1 --port 5000"
+          f"\n              then open http://127.0.0.1:5000")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from malloc_ray.data import commands as data_commands
 
@@ -102,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands.register(sub)
     _train_parser(sub)
     _methods_parser(sub)
+    _study_parser(sub)
     return parser
 
 

@@ -42,6 +42,9 @@ class TrialConfig:
     max_steps_per_epoch: int | None = None
     device: str = "cpu"
     loader: str = "local"
+    # Testing aid: "nan:K" makes the training loss NaN from epoch K on, "raise:K" raises in
+    # epoch K. Used to check that failures end up as data, not as a crashed study.
+    fault: str | None = None
 
     def __post_init__(self):
         if self.device not in DEVICES:
@@ -53,6 +56,11 @@ class TrialConfig:
                 raise InputError(f"must be a positive integer, got {getattr(self, key)!r}", key=key)
         if self.max_len < 2:
             raise InputError("must be >= 2 (one history interaction plus the target)", key="max_len")
+        if self.fault is not None:
+            kind, _, epoch = str(self.fault).partition(":")
+            if kind not in ("nan", "raise") or not epoch.isdigit():
+                raise InputError(f"expected 'nan:EPOCH' or 'raise:EPOCH', got {self.fault!r}",
+                                 key="fault")
         if not self.lr > 0:
             raise InputError(f"must be > 0, got {self.lr!r}", key="lr")
 

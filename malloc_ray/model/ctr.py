@@ -92,11 +92,15 @@ class CTRModel(nn.Module):
     def loss(self, batch) -> torch.Tensor:
         logits, labels = self.logits(batch), batch["labels"].float()
         if self.loss_positions == "last":
-            return F.binary_cross_entropy_with_logits(logits[:, -1], labels[:, -1])
-        s = labels.shape[1]
-        real = torch.arange(s, device=labels.device)[None, :] >= (s - batch["lengths"])[:, None]
-        per_item = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
-        return (per_item * real).sum() / real.sum()
+            loss = F.binary_cross_entropy_with_logits(logits[:, -1], labels[:, -1])
+        else:
+            s = labels.shape[1]
+            real = torch.arange(s, device=labels.device)[None, :] >= (s - batch["lengths"])[:, None]
+            per_item = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+            loss = (per_item * real).sum() / real.sum()
+        if batch.get("nan_loss"):  # TrialConfig.fault: a deliberately diverging trial
+            loss = loss * float("nan")
+        return loss
 
     @torch.no_grad()
     def predict(self, batch) -> torch.Tensor:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -194,12 +193,3 @@ def smoke_overrides(raw: dict) -> dict:
     return {"epochs": 1, "max_steps_per_epoch": 3, "d_model": min(raw.get("d_model", 64), 32),
             "num_heads": min(raw.get("num_heads", 4), 4), "max_len": min(raw.get("max_len", 128), 32),
             "eval_batch_size": 256}
-
-
-def gpu_fraction(estimated_bytes: float, device_bytes: float, step: float = 0.125) -> float:
-    """Share of one GPU a trial asks Tune for: its estimated peak over the device's memory,
-    rounded up to a multiple of `step`, at least one step and at most one device."""
-    if device_bytes <= 0:
-        raise ValueError("device memory must be positive")
-    steps = math.ceil(estimated_bytes / device_bytes / step - 1e-9)
-    return min(1.0, max(1, steps) * step)

@@ -7,6 +7,9 @@ thin wrapper around `run_trial`.
 from __future__ import annotations
 
 import random
+import os
+import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -18,7 +21,7 @@ from malloc_ray.errors import InputError
 from malloc_ray.metrics.cost import cost_summary
 from malloc_ray.model.ctr import CTRModel
 from malloc_ray.model.hstu import HSTUConfig
-from malloc_ray.train.loop import TrainConfig, fit
+from malloc_ray.train.loop import TrainConfig, evaluate, fit
 
 
 def seed_everything(seed: int) -> None:
@@ -53,9 +56,23 @@ def batch_factories(cfg: TrialConfig, ds, samples: dict | None = None):
             return loader.ray_batches(ds, samples=(samples or {}).get(split), **kwargs)
         return loader.local_batches(ds, **kwargs)
 
-    return (lambda epoch: make("train", True, cfg.seed * 1000 + epoch),
-            lambda: make("valid", False, 0),
-            lambda: make("test", False, 0))
+    def train(epoch: int):
+        batches = make("train", True, cfg.seed * 1000 + epoch)
+        return inject_fault(cfg.fault, epoch, batches) if cfg.fault else batches
+
+    return train, lambda: make("valid", False, 0), lambda: make("test", False, 0)
+
+
+def inject_fault(fault: str, epoch: int, batches):
+    """The `fault` testing aid: poison the batches of the given epoch onwards."""
+    kind, _, at = fault.partition(":")
+    if epoch < int(at):
+        yield from batches
+        return
+    if kind == "raise":
+        raise RuntimeError(f"injected fault at epoch {epoch}")
+    for batch in batches:  # nan: an item embedding index that yields NaN would be intrusive;
+        yield {**batch, "nan_loss": True}  # the model multiplies its loss by NaN instead
 
 
 def train_config(cfg: TrialConfig) -> TrainConfig:
@@ -67,19 +84,30 @@ def train_config(cfg: TrialConfig) -> TrainConfig:
 
 
 def run_trial(cfg: TrialConfig, on_epoch: Callable[[dict], None] | None = None,
-              samples: dict | None = None) -> dict:
+              samples: dict | None = None, save_checkpoint: str | Path | None = None,
+              native_checkpoint: str | Path | None = None) -> dict:
     """Train and evaluate one (dataset, method, depth, seed) cell; never raises for a model
-    that diverges (status says so). `samples`: see `batch_factories`."""
+    that diverges (status says so). `samples`: see `batch_factories`.
+
+    A post-hoc method is not trained: it loads `native_checkpoint` (the trained Native model
+    of the same dataset, depth and seed) and is only evaluated. `save_checkpoint` writes the
+    trained weights for such later use."""
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     ds = loader.load_dataset(cfg.dataset)
     model = build_model(cfg, ds.meta["vocab_size"]).to(device)
-    if model.method.workflow == "post-hoc":
-        raise InputError(f"method '{cfg.method}' is post-hoc: it is applied to a trained "
-                         "native model, not trained itself", key="method")
     train, valid, test = batch_factories(cfg, ds, samples)
-    result = fit(model, train, valid, test, train_config(cfg), device=device, on_epoch=on_epoch)
+    if model.method.workflow == "post-hoc":
+        if native_checkpoint is None:
+            raise InputError(f"method '{cfg.method}' is post-hoc: it needs the trained native "
+                             "model of the same dataset, depth and seed", key="method")
+        result = evaluate_post_hoc(model, native_checkpoint, valid, test, device)
+    else:
+        result = fit(model, train, valid, test, train_config(cfg), device=device,
+                     on_epoch=on_epoch)
     model.to("cpu")
+    if save_checkpoint is not None:
+        save_weights(model, save_checkpoint)
     return {
         **result,
         **cost_summary(model, n_history=cfg.max_len - 1),
@@ -87,3 +115,25 @@ def run_trial(cfg: TrialConfig, on_epoch: Callable[[dict], None] | None = None,
         "workflow": model.method.workflow, "depth": cfg.depth, "seed": cfg.seed,
         "dataset_id": ds.meta["dataset_id"], "config_hash": config_hash(cfg, ds.meta["dataset_id"]),
     }
+
+
+def save_weights(model: CTRModel, path: str | Path) -> None:
+    """Atomic write, so a killed trial never leaves a truncated checkpoint behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+
+
+def evaluate_post_hoc(model: CTRModel, checkpoint: str | Path, valid, test, device) -> dict:
+    """Load Native's weights unchanged (strict: same parameters) and evaluate; no gradient."""
+    state = torch.load(checkpoint, map_location=device, weights_only=True)
+    model.load_state_dict(state, strict=True)
+    start = time.perf_counter()
+    valid_metrics, test_metrics = evaluate(model, valid(), device), evaluate(model, test(), device)
+    return {"status": "ok", "failed_epoch": None, "reason": None, "best_epoch": None,
+            "epochs_run": 0, "auc": test_metrics["auc"], "gauc": test_metrics["gauc"],
+            "logloss": test_metrics["logloss"], "valid_auc": valid_metrics["auc"],
+            "history": [], "train_seconds": 0.0, "samples_per_second": None,
+            "eval_seconds": time.perf_counter() - start}

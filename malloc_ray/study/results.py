@@ -1,0 +1,84 @@
+"""The trials table: one row per cell, with metrics and status, as `<study>/trials.parquet`.
+
+It is built from the per-cell result files, or, if those are lost, from the study's MLflow
+child runs (tags, params and final metrics hold the same fields).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+
+COLUMNS = ["trial_id", "dataset", "dataset_id", "method", "category", "workflow", "depth",
+           "seed", "status", "failed_epoch", "reason", "auc", "gauc", "logloss", "valid_auc",
+           "best_epoch", "epochs_run", "kv_bytes_per_user", "kv_bytes_per_user_with_metadata",
+           "macs_per_request", "macs_prefill", "peak_memory_bytes", "estimated_memory_bytes",
+           "gpu_fraction", "train_seconds", "samples_per_second", "mlflow_run_id", "started_at",
+           "finished_at"]
+
+
+def table_path(study_dir: str | Path) -> Path:
+    return Path(study_dir) / "trials.parquet"
+
+
+def finished_results(study_dir: str | Path) -> dict[str, dict]:
+    """trial_id -> result of every cell that has finished (whatever its status)."""
+    out = {}
+    for path in sorted((Path(study_dir) / "trials").glob("*.json")):
+        result = json.loads(path.read_text())
+        out[result["trial_id"]] = result
+    return out
+
+
+def build_table(results: list[dict]) -> pd.DataFrame:
+    rows = [{c: r.get(c) for c in COLUMNS} for r in results]
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    for col in ("reason", "failed_epoch", "best_epoch"):
+        table[col] = table[col].astype("string")  # mixed None/str/int would break parquet
+    return table.sort_values(["dataset", "method", "depth", "seed"]).reset_index(drop=True)
+
+
+def write_table(table: pd.DataFrame, study_dir: str | Path) -> Path:
+    path = table_path(study_dir)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    table.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def load_table(study_dir: str | Path, tracking_uri: str | None = None,
+               experiment: str | None = None) -> pd.DataFrame:
+    """The study's trials table; rebuilt (and rewritten) from MLflow when the file is gone."""
+    path = table_path(study_dir)
+    if path.exists():
+        return pd.read_parquet(path)
+    if tracking_uri is None or experiment is None:
+        raise FileNotFoundError(f"{path} is missing and no MLflow store was given to rebuild it")
+    table = table_from_mlflow(tracking_uri, experiment)
+    write_table(table, study_dir)
+    return table
+
+
+def table_from_mlflow(tracking_uri: str, experiment: str) -> pd.DataFrame:
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    runs = mlflow.search_runs(experiment_names=[experiment],
+                              filter_string="tags.`malloc.role` = 'trial'")
+    results = []
+    for _, run in runs.iterrows():
+        row = {"trial_id": run.get("tags.config_hash"), "mlflow_run_id": run["run_id"],
+               "started_at": run["start_time"].timestamp() if run["start_time"] is not None else None,
+               "finished_at": run["end_time"].timestamp() if run["end_time"] is not None else None}
+        for col in COLUMNS:
+            for prefix in ("tags.", "metrics."):
+                value = run.get(prefix + col)
+                if value is not None and value == value and col not in row:
+                    row[col] = value
+        for col in ("depth", "seed"):
+            row[col] = int(row[col]) if row.get(col) is not None else None
+        results.append(row)
+    return build_table(results)

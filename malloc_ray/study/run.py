@@ -1,0 +1,236 @@
+"""The study driver: datasets once, cells from the spec, Ray Tune over the unfinished ones.
+
+    spec -> prepare datasets -> cells (trial id = config hash) -> skip finished cells
+         -> phase 1: trained methods (Native saves its weights)
+         -> phase 2: post-hoc methods on the Native weights of the same (dataset, depth, seed)
+         -> trials.parquet
+
+Resume is the same call: a cell is finished when its result file exists, so a re-run (or
+`malloc-ray study resume`) launches only the cells that never finished; interrupted ones
+restart from scratch and replace their unfinished MLflow child run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+
+from malloc_ray.config import TrialConfig, config_hash
+from malloc_ray.data.prepare import prepare, read_meta
+from malloc_ray.errors import InputError
+from malloc_ray.methods import get_method
+from malloc_ray.study import results as results_mod
+from malloc_ray.study.resources import estimate_peak_bytes, trial_resources
+from malloc_ray.study.spec import Cell, StudySpec, expand_cells
+from malloc_ray.study.trainable import checkpoint_path, result_path
+from malloc_ray.study.tracking import default_tracking_uri, finish_study_run, start_study_run
+
+SMOKE_DATA = {"users": 120, "max_len": 48}  # caps for synthetic recipes under --smoke-test
+
+
+def log(msg: str) -> None:
+    print(f"[malloc-ray] {msg}", flush=True)
+
+
+# -- datasets -----------------------------------------------------------------------------
+def prepare_datasets(spec: StudySpec, smoke_test: bool) -> dict[str, str]:
+    """Dataset key -> prepared directory; recipes are prepared once and reused after."""
+    dirs = {}
+    for ds in spec.datasets:
+        if ds.path:
+            path = Path(ds.path).expanduser()
+            if not path.is_absolute() and spec.source_file:
+                path = (Path(spec.source_file).parent / path)
+            read_meta(path.resolve())  # fails early, naming the file, if it is not a dataset
+            dirs[ds.name] = str(path.resolve())
+            continue
+        recipe = dict(ds.prepare)
+        if smoke_test and recipe.get("source") == "synthetic":
+            for key, cap in SMOKE_DATA.items():
+                recipe[key] = min(recipe.get(key, cap), cap)
+        out = spec.study_dir / "data" / ds.name
+        stamp = out.parent / f"{ds.name}.recipe.json"
+        if out.exists() and stamp.exists() and json.loads(stamp.read_text()) == recipe:
+            log(f"dataset {ds.name}: reusing {out}")
+        else:
+            log(f"dataset {ds.name}: preparing {recipe}")
+            source = recipe.pop("source", None)
+            if source is None:
+                raise InputError("a prepare recipe needs 'source'", file=spec.source_file,
+                                 key=f"datasets.{ds.name}.prepare")
+            prepare(source, out, overwrite=True, progress=lambda m: log(f"  {m}"), **recipe)
+            stamp.write_text(json.dumps({"source": source, **recipe}))
+        dirs[ds.name] = str(out.resolve())
+    return dirs
+
+
+# -- cells ------------------------------------------------------------------------------------
+def native_twin(cfg: TrialConfig) -> TrialConfig:
+    """The Native cell a post-hoc method borrows its weights from."""
+    raw = cfg.to_dict()
+    raw.update(method="native", hparams={}, fault=None)
+    return TrialConfig.from_dict(raw)
+
+
+def cell_records(spec: StudySpec, cells: list[Cell], device_bytes: int | None) -> list[dict]:
+    """Plain dicts that travel to trials: config, ids, resources, checkpoint paths."""
+    metas = {c.config.dataset: read_meta(c.config.dataset) for c in cells}
+    by_id, twins = {}, []
+    for cell in cells:
+        if get_method(cell.config.method).workflow == "post-hoc":
+            twins.append(Cell(cell.dataset, native_twin(cell.config)))
+    for cell in twins + cells:  # twins first; a spec that lists native anyway dedups here
+        cfg, meta = cell.config, metas[cell.config.dataset]
+        trial_id = config_hash(cfg, meta["dataset_id"])
+        method = get_method(cfg.method)
+        estimate = estimate_peak_bytes(cfg, meta["vocab_size"])
+        res = trial_resources(cfg, meta["vocab_size"], spec.resources.cpus_per_trial,
+                              spec.resources.gpus, device_bytes, spec.resources.gpu_fraction_step)
+        record = {"trial_id": trial_id, "config": cfg.to_dict(), "dataset": cell.dataset,
+                  "dataset_id": meta["dataset_id"], "category": method.category,
+                  "workflow": method.workflow, "resources": res, "gpu_fraction": res["gpu"],
+                  "estimated_memory_bytes": estimate,
+                  "name": f"{cell.dataset}-{cfg.method}-d{cfg.depth}-s{cfg.seed}-{trial_id[:6]}"}
+        if cfg.method == "native":
+            record["save_checkpoint"] = str(checkpoint_path(spec.study_dir, trial_id))
+        if method.workflow == "post-hoc":
+            twin = config_hash(native_twin(cfg), meta["dataset_id"])
+            record["native_checkpoint"] = str(checkpoint_path(spec.study_dir, twin))
+        by_id.setdefault(trial_id, record)
+    return list(by_id.values())
+
+
+# -- Ray ---------------------------------------------------------------------------------------
+def init_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()  # inside `ray job submit`: never pass num_cpus to an existing cluster
+    else:
+        ray.init(include_dashboard=False, log_to_driver=False)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def cuda_device_bytes() -> int | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(0).total_memory
+
+
+def materialize_samples(records: list[dict]) -> dict:
+    """Ray Data sample rows per (dataset, max_len, loss_positions), materialized once in the
+    driver and handed to trials: reading inside trials can deadlock when trials hold every CPU."""
+    from malloc_ray.data import loader
+
+    out: dict = {}
+    for rec in records:
+        cfg = rec["config"]
+        if cfg["loader"] != "ray":
+            continue
+        key = f"{rec['dataset']}|{cfg['max_len']}|{cfg['loss_positions']}"
+        if key in out:
+            continue
+        ds = loader.load_dataset(cfg["dataset"])
+        out[key] = {split: loader.ray_samples(ds, split, cfg["max_len"],
+                                              cfg["loss_positions"]).materialize()
+                    for split in ("train", "valid", "test")}
+    return out
+
+
+class _Progress:
+    """Tune callback: one line per finished cell with the study's ETA."""
+
+    def __init__(self, total: int):
+        from ray.tune import Callback
+
+        class Cb(Callback):
+            def on_trial_complete(cb_self, iteration, trials, trial, **info):
+                self.done += 1
+                elapsed = time.time() - self.start
+                eta = elapsed / self.done * (self.total - self.done)
+                status = (trial.last_result or {}).get("status", "?")
+                log(f"{self.done}/{self.total} cells done ({trial.config['cell_name']}: "
+                    f"{status}); elapsed {elapsed:.0f}s, ETA {eta:.0f}s")
+
+        self.total, self.done, self.start, self.callback = total, 0, time.time(), Cb()
+
+
+def run_phase(name: str, spec: StudySpec, records: list[dict], study, samples) -> None:
+    from ray import tune
+
+    from malloc_ray.study.trainable import tune_trainable
+
+    if not records:
+        return
+    log(f"{name}: {len(records)} cells")
+    by_name = {r["name"]: r for r in records}
+
+    def trainable(config):
+        rec = by_name[config["cell_name"]]
+        key = f"{rec['dataset']}|{rec['config']['max_len']}|{rec['config']['loss_positions']}"
+        tune_trainable({"cell": rec}, study=study, study_dir=str(spec.study_dir),
+                       samples={rec["dataset"]: samples.get(key)})
+
+    resources = tune.with_resources(trainable,
+                                    lambda config: by_name[config["cell_name"]]["resources"])
+    progress = _Progress(len(records))
+    tuner = tune.Tuner(
+        resources,
+        param_space={"cell_name": tune.grid_search(sorted(by_name))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent_trials,
+                                    trial_name_creator=lambda t: t.config["cell_name"],
+                                    trial_dirname_creator=lambda t: t.config["cell_name"]),
+        run_config=tune.RunConfig(name=f"{spec.name}-{name}",
+                                  storage_path=str(spec.study_dir / "ray_results"),
+                                  failure_config=tune.FailureConfig(max_failures=0),
+                                  callbacks=[progress.callback], verbose=1),
+    )
+    tuner.fit()
+
+
+# -- the study ---------------------------------------------------------------------------------
+def run_study(spec: StudySpec, smoke_test: bool = False, retry_failed: bool = False
+              ) -> pd.DataFrame:
+    study_dir = spec.study_dir
+    study_dir.mkdir(parents=True, exist_ok=True)
+    tracking_uri = spec.mlflow_tracking_uri or default_tracking_uri(study_dir)
+    dirs = prepare_datasets(spec, smoke_test)
+    cells = expand_cells(spec, dirs, smoke_test)
+    init_ray()
+    records = cell_records(spec, cells, cuda_device_bytes())
+    finished = results_mod.finished_results(study_dir)
+    if retry_failed:
+        finished = {k: v for k, v in finished.items() if v["status"] == "ok"}
+    todo = [r for r in records if r["trial_id"] not in finished]
+    log(f"study {spec.name}: {len(records)} cells, {len(records) - len(todo)} already finished, "
+        f"{len(todo)} to run; MLflow: {tracking_uri}")
+    study = start_study_run(tracking_uri, spec.name, study_dir,
+                            params={"spec": json.dumps(asdict(spec), default=str)})
+    status = "FAILED"
+    try:
+        samples = materialize_samples(todo)
+        run_phase("trained", spec, [r for r in todo if r["workflow"] == "trained"], study, samples)
+        run_phase("post-hoc", spec, [r for r in todo if r["workflow"] == "post-hoc"], study,
+                  samples)
+        status = "FINISHED"
+    finally:
+        finish_study_run(study, status)
+    done = results_mod.finished_results(study_dir)
+    missing = [r["name"] for r in records if r["trial_id"] not in done]
+    table = results_mod.build_table([done[r["trial_id"]] for r in records
+                                     if r["trial_id"] in done])
+    path = results_mod.write_table(table, study_dir)
+    log(f"trials table: {path} ({len(table)} rows"
+        + (f"; {len(missing)} cells did not finish: {missing}" if missing else "") + ")")
+    return table

@@ -1,0 +1,103 @@
+"""The Ray Tune function trainable: one cell = one `run_trial`, recorded as data whatever happens.
+
+Failures never crash the study: a diverging model comes back from the training loop as
+`diverged`/`no_learning`; here CUDA OOM becomes `oom` and any other exception `error`. Every
+outcome is written to `<study>/trials/<trial_id>.json` (atomically: a finished cell is exactly
+the cells with that file, which is what resume relies on), to the MLflow child run, and to Tune.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+import traceback
+from pathlib import Path
+
+from malloc_ray.config import TrialConfig
+from malloc_ray.study.tracking import ChildRun, StudyRun
+
+
+def result_path(study_dir: str | Path, trial_id: str) -> Path:
+    return Path(study_dir) / "trials" / f"{trial_id}.json"
+
+
+def checkpoint_path(study_dir: str | Path, trial_id: str) -> Path:
+    return Path(study_dir) / "checkpoints" / f"{trial_id}.pt"
+
+
+def write_result(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _peak_memory_bytes(device: str) -> int:
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+
+
+def _failure(status: str, exc: BaseException, cell: dict) -> dict:
+    return {"status": status, "failed_epoch": cell.get("_epoch"), "reason": repr(exc)[:2000],
+            "traceback": traceback.format_exc()[-4000:], "auc": 0.5, "gauc": 0.5,
+            "logloss": None, "best_epoch": None}
+
+
+def run_cell(cell: dict, study: StudyRun, study_dir: str, samples: dict | None = None,
+             report=None) -> dict:
+    """Run one cell outside or inside Tune; `report(metrics)` forwards per-epoch progress."""
+    import torch
+
+    from malloc_ray.train.trial import run_trial
+
+    cfg = TrialConfig.from_dict(cell["config"])
+    tags = {"method": cfg.method, "category": cell["category"], "workflow": cell["workflow"],
+            "depth": cfg.depth, "seed": cfg.seed, "dataset_id": cell["dataset_id"],
+            "config_hash": cell["trial_id"], "status": "running", "dataset": cell["dataset"]}
+    child = ChildRun(study, name=cell["name"], tags=tags, config=cfg.to_dict())
+    if cfg.device == "cuda" and cell.get("gpu_fraction"):
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cell["gpu_fraction"]))
+
+    def on_epoch(record: dict) -> None:
+        cell["_epoch"] = record["epoch"]
+        child.log_epoch(record)
+        if report:
+            report({**record, "status": "running"})
+
+    start = time.time()
+    try:
+        result = run_trial(cfg, on_epoch=on_epoch, samples=samples,
+                           save_checkpoint=cell.get("save_checkpoint"),
+                           native_checkpoint=cell.get("native_checkpoint"))
+    except torch.cuda.OutOfMemoryError as exc:
+        result = _failure("oom", exc, cell)
+    except Exception as exc:  # noqa: BLE001 - any other failure is a result, not a crash
+        result = _failure("error", exc, cell)
+    result.update({"trial_id": cell["trial_id"], "dataset": cell["dataset"],
+                   "dataset_id": cell["dataset_id"], "method": cfg.method,
+                   "category": cell["category"], "workflow": cell["workflow"],
+                   "depth": cfg.depth, "seed": cfg.seed, "config": cfg.to_dict(),
+                   "mlflow_run_id": child.run_id, "started_at": start, "finished_at": time.time(),
+                   "peak_memory_bytes": _peak_memory_bytes(cfg.device),
+                   "estimated_memory_bytes": cell.get("estimated_memory_bytes"),
+                   "gpu_fraction": cell.get("gpu_fraction", 0.0)})
+    write_result(result_path(study_dir, cell["trial_id"]), result)
+    child.finish(result)
+    return result
+
+
+def tune_trainable(config: dict, study: StudyRun = None, study_dir: str = None,
+                   samples: dict | None = None) -> None:
+    """`tune.with_parameters(tune_trainable, study=..., study_dir=..., samples=...)`."""
+    from ray import tune
+
+    cell = config["cell"]
+    result = run_cell(cell, study, study_dir, (samples or {}).get(cell["dataset"]),
+                      report=tune.report)
+    final = {k: v for k, v in result.items() if isinstance(v, (int, float, str)) or v is None}
+    tune.report({**final, "done": True})
