@@ -169,6 +169,13 @@ def test_parquet_log_typed_columns(tmp_path):
     with pytest.raises(InputError, match="negative user id") as err:
         read_log(path)
     assert err.value.row == 3
+    pq.write_table(pa.table({"user": [1], "item": [[3]], "timestamp": [1], "label": [True]}),
+                   path)
+    with pytest.raises(InputError, match="column 'item' has type list"):
+        read_log(path)
+    pq.write_table(pa.table({"user": [1, 1], "item": [3, 4], "timestamp": [1, 2],
+                             "label": [True, False]}), path)
+    np.testing.assert_array_equal(read_log(path).label, [1, 0])
 
 
 # ---------------------------------------------------------------- movielens

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from malloc_ray.errors import InputError
 
-_INT_RE = r"^\s*\+?\d{1,18}\s*$"
+_INT_RE = r"^\s*\d{1,18}\s*$"
 _NEG_INT_RE = r"^\s*-\d+\s*$"
 _NUM_RE = r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$"
 _LABEL_RE = r"^\s*[01](\.0*)?\s*$"
@@ -101,10 +101,20 @@ def _parquet_batches(path: Path, columns: list[str]) -> Iterator[tuple[int, pa.R
     row0 = 1
     for batch in pfile.iter_batches(batch_size=_BATCH_ROWS, columns=columns):
         # One validation path for every input type: typed columns become their text form.
-        batch = pa.RecordBatch.from_arrays(
-            [pc.cast(batch.column(c), pa.string()) for c in columns], names=columns)
+        batch = pa.RecordBatch.from_arrays([_as_text(batch.column(c), c, path) for c in columns],
+                                           names=columns)
         yield row0, batch
         row0 += batch.num_rows
+
+
+def _as_text(arr: pa.Array, col: str, path: Path) -> pa.Array:
+    if pa.types.is_boolean(arr.type):  # a bool label column reads as 0/1
+        arr = pc.cast(arr, pa.int8())
+    try:
+        return pc.cast(arr, pa.string())
+    except pa.ArrowNotImplementedError as exc:
+        raise InputError(f"column {col!r} has type {arr.type}, expected numbers or text",
+                         file=str(path), key=col) from exc
 
 
 def _csv_batches(path: Path, columns: list[str], delimiter: str
