@@ -75,8 +75,12 @@ class RelativeBias(nn.Module):
         self.table = nn.Embedding(num_buckets, num_heads)
 
     def forward(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        """q_pos (B, Nq), k_pos (B, Nk) -> bias (B, H, Nq, Nk)."""
+        """q_pos (B, Nq), k_pos (B, Nk) -> bias (B or 1, H, Nq, Nk)."""
         dist = q_pos[:, :, None].long() - k_pos[:, None, :].long()
+        if bool((dist == dist[:1]).all()):
+            # Left padding shifts a row's query and key positions alike, so distances usually
+            # agree across the batch: gather once (the gather's backward dominates otherwise).
+            dist = dist[:1]
         return self.table(relative_bucket(dist, self.num_buckets, self.max_distance)).permute(0, 3, 1, 2)
 
 
