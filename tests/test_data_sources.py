@@ -29,7 +29,7 @@ def test_synthetic_matches_paper_table1(profile):
     assert lengths.min() >= 3 and lengths.max() <= prof.max_length
     assert lengths.mean() == pytest.approx(prof.avg_length, rel=0.05)
     assert log.label.mean() == pytest.approx(prof.positive_rate, abs=0.02)
-    assert log.item.min() >= 1 and log.item.max() <= 200
+    assert log.item.min() >= 1 and log.item.max() <= 100
 
 
 def test_synthetic_max_len_scales_lengths_down():
@@ -70,8 +70,8 @@ def test_synthetic_label_needs_long_range_history():
     last 8 interactions clearly (the signal a long-sequence model can use and a short one
     cannot)."""
     log = generate("kuaivideo", 300, max_len=128, seed=0)
-    full, y = _category_click_rates(log, 40)
-    last8, _ = _category_click_rates(log, 40, window=8)
+    full, y = _category_click_rates(log, 50)
+    last8, _ = _category_click_rates(log, 50, window=8)
     auc_full, auc_last8 = roc_auc_score(y, full), roc_auc_score(y, last8)
     assert auc_full > 0.7
     assert auc_full - auc_last8 >= 0.05, (auc_full, auc_last8)
@@ -197,6 +197,13 @@ def test_movielens_bad_inputs(tmp_path):
     with pytest.raises(InputError, match="non-numeric rating") as err:
         read_inter(path)
     assert err.value.row == 2
+    path = _csv(tmp_path, INTER_HEADER + "1\t5\t4\t10\n-1\t5\t4\t11\n", name="c.inter")
+    with pytest.raises(InputError, match=f"{path}, row 2: negative user id"):
+        read_inter(path)
+    path = _csv(tmp_path, INTER_HEADER + "1\t5\t4\n", name="d.inter")
+    with pytest.raises(InputError, match="malformed row") as err:
+        read_inter(path)
+    assert err.value.row == 1
 
 
 def test_real_ml100k_reads(ml100k_inter):

@@ -33,8 +33,9 @@ def _prepare_parser(sub) -> None:
     syn.add_argument("--users", type=int, default=500)
     syn.add_argument("--max-len", type=int, dest="max_len",
                      help="cap sequence lengths; scales the profile's lengths down to it")
-    syn.add_argument("--items", type=int, default=200, help="item vocabulary size")
-    syn.add_argument("--categories", type=int, default=40)
+    syn.add_argument("--items", type=int, default=100, help="item vocabulary size")
+    syn.add_argument("--categories", type=int, default=50,
+                     help="item i belongs to category (i - 1) mod categories")
     syn.add_argument("--seed", type=int, default=0)
     _common(syn)
     syn.set_defaults(func=_cmd_prepare, options=("profile", "users", "max_len", "items",

@@ -42,7 +42,7 @@ P_LIKED_TARGET = 0.8  # about the click probability on a liked one (tuned per pr
 
 
 def generate(profile: str = "kuaivideo", users: int = 500, *, max_len: int | None = None,
-             items: int = 200, categories: int = 40, seed: int = 0) -> InteractionLog:
+             items: int = 100, categories: int = 50, seed: int = 0) -> InteractionLog:
     """Draw a synthetic log; the same arguments always give the same log.
 
     `max_len` caps sequence lengths and scales the profile's length distribution by
@@ -72,7 +72,7 @@ def generate(profile: str = "kuaivideo", users: int = 500, *, max_len: int | Non
     )
 
 
-def item_category(item, categories: int = 40) -> np.ndarray:
+def item_category(item, categories: int = 50) -> np.ndarray:
     """Category of (raw) synthetic item ids."""
     return (np.asarray(item, dtype=np.int64) - 1) % categories
 
