@@ -7,7 +7,7 @@ import pytest
 
 from malloc_ray import cli
 from malloc_ray.data import prepare as prep
-from malloc_ray.data.prepare import dataset_stats, format_stats, prepare, read_meta
+from malloc_ray.data.prepare import dataset_stats, eval_count, format_stats, prepare, read_meta
 from malloc_ray.errors import InputError
 
 HEADER = "user,item,timestamp,label\n"
@@ -143,8 +143,12 @@ def test_real_ml100k(tmp_path, ml100k_inter):
     meta = prepare("movielens", tmp_path / "ml", path=ml100k_inter)
     assert meta["stats"]["users"] == 943 and meta["stats"]["interactions"] == 100_000
     assert meta["stats"]["items"] == 1682 and meta["stats"]["max_length"] == 737
-    assert meta["splits"]["test"] == meta["splits"]["valid"] == 943
-    assert meta["splits"]["train"] == 100_000 - 3 * 943
+    # each user's last 10% (at least one) are test targets, the 10% before them valid targets
+    lengths = pd.read_csv(ml100k_inter, sep="\t").groupby("user_id:token").size().to_numpy()
+    assert meta["splits"]["test"] == meta["splits"]["valid"] == int(eval_count(lengths).sum())
+    assert meta["splits"]["test"] > 943
+    # every interaction but each user's first is a target of exactly one split
+    assert sum(meta["splits"].values()) == 100_000 - 943
 
 
 # ---------------------------------------------------------------- CLI

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from malloc_ray.data.prepare import SPLITS, read_meta
+from malloc_ray.data.prepare import SPLITS, last_train_prefix, read_meta
 from malloc_ray.errors import InputError
 
 LOSS_POSITIONS = ("last", "all")
@@ -82,7 +82,7 @@ def select_samples(ds: Dataset, split: str, max_len: int,
     """Sample rows for one split.
 
     valid/test: every row. train + "last": every row (loss on the target only). train + "all":
-    only window ends, (user_len - 3 - prefix_len) % max_len == 0, so the windows tile each
+    only window ends, (last train prefix - prefix_len) % max_len == 0, so the windows tile each
     user's training part back from its last train target and every train interaction is in
     exactly one window (the model puts a loss on every position).
     """
@@ -97,7 +97,7 @@ def _selection_mask(split_col: np.ndarray, prefix: np.ndarray, user_len: np.ndar
                     split: str, max_len: int, loss_positions: str) -> np.ndarray:
     keep = split_col == split
     if split == "train" and loss_positions == "all":
-        keep &= (user_len.astype(np.int64) - 3 - prefix) % max_len == 0
+        keep &= (last_train_prefix(user_len) - prefix) % max_len == 0
     return keep
 
 

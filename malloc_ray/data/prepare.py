@@ -26,10 +26,11 @@ from malloc_ray.errors import InputError
 FORMAT_VERSION = 1
 MIN_INTERACTIONS = 3  # one train history item, a valid target and a test target
 SPLITS = ("train", "valid", "test")
+EVAL_FRACTION = 0.1  # share of each user's interactions in valid, and again in test
 SPLIT_PROTOCOL = (
-    "Per-user chronological leave-one-out: a user's last interaction is the test target, the "
-    "second-to-last the valid target, and every earlier one except the first is a train target "
-    "(prefix_len 1..n-3), each scored from all the user's earlier interactions.")
+    "Per-user chronological: of a user's n interactions the last k = max(1, floor(0.1 n)) are "
+    "test targets, the k before them valid targets, and every earlier one except the first a "
+    "train target; each target is scored from all the user's earlier interactions.")
 STATS_KEYS = ("users", "items", "interactions", "max_length", "avg_length", "positive_rate")
 META_KEYS = ("format_version", "dataset_id", "name", "source", "stats", "vocab_size", "splits",
              "split_protocol", "dropped_users")
@@ -136,17 +137,33 @@ def _raise_short_user(log: InteractionLog, uidx: np.ndarray, raw_users: np.ndarr
         file=log.file, row=int(first_row) + 1 if log.file else None)
 
 
+def eval_count(lengths) -> np.ndarray:
+    """k: how many of a user's last interactions are test targets (and, before them, valid).
+
+    More than one per user where histories allow, so that GAUC (which skips users whose
+    targets are all of one class) is defined."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    return np.maximum(1, (lengths * EVAL_FRACTION).astype(np.int64))
+
+
+def last_train_prefix(lengths) -> np.ndarray:
+    """prefix_len of each user's last train target (0: the user has none)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    return lengths - 2 * eval_count(lengths) - 1
+
+
 def build_samples(lengths: np.ndarray) -> dict[str, np.ndarray]:
-    """One row per target: prefix_len 1..n-1 of each user; split by the leave-one-out rule."""
+    """One row per target: prefix_len 1..n-1 of each user, split by SPLIT_PROTOCOL."""
     lengths = np.asarray(lengths, dtype=np.int64)
     per_user = lengths - 1
     user = np.repeat(np.arange(len(lengths), dtype=np.int64), per_user)
     first = np.repeat(np.cumsum(per_user) - per_user, per_user)
     prefix = np.arange(len(user), dtype=np.int64) - first + 1
     user_len = lengths[user]
+    k = eval_count(user_len)
     split = np.zeros(len(user), dtype=np.int8)  # index into SPLITS
-    split[prefix == user_len - 2] = 1
-    split[prefix == user_len - 1] = 2
+    split[prefix >= user_len - 2 * k] = 1
+    split[prefix >= user_len - k] = 2
     return {"user": user, "prefix_len": prefix.astype(np.int32), "split": split,
             "user_len": user_len.astype(np.int32)}
 

@@ -1,6 +1,17 @@
 """Memory methods, one module each. Adding a method: its module plus one import line here."""
 
-from malloc_ray.methods import h2o, heads, intactkv, kivi, mla, native, recompute, snapkv  # noqa: F401,E501
+# One line per method module; importing a module registers its methods.
+from malloc_ray.methods import h2o  # noqa: F401
+from malloc_ray.methods import heads  # noqa: F401
+from malloc_ray.methods import intactkv  # noqa: F401
+from malloc_ray.methods import kivi  # noqa: F401
+from malloc_ray.methods import linformer  # noqa: F401
+from malloc_ray.methods import longformer  # noqa: F401
+from malloc_ray.methods import mla  # noqa: F401
+from malloc_ray.methods import native  # noqa: F401
+from malloc_ray.methods import recompute  # noqa: F401
+from malloc_ray.methods import reformer  # noqa: F401
+from malloc_ray.methods import snapkv  # noqa: F401
 from malloc_ray.methods.base import REGISTRY, LayerMemory, Method, get_method, method_names, register
 
 __all__ = ["REGISTRY", "LayerMemory", "Method", "get_method", "method_names", "register"]

@@ -5,15 +5,16 @@ from __future__ import annotations
 import numpy as np
 
 from malloc_ray.data.loader import Dataset, select_samples
+from malloc_ray.data.prepare import last_train_prefix
 from malloc_ray.metrics.ranking import auc, gauc
 
 
 def train_item_counts(ds: Dataset) -> np.ndarray:
-    """How often each item occurs among training interactions (positions <= n - 3 of each
-    user: the valid and test targets are excluded, as for the model)."""
+    """How often each item occurs among training interactions (each user's positions up to
+    its last train target: valid and test targets are excluded, as for the model)."""
     lengths = np.diff(ds.offsets)
     position = np.arange(len(ds.items)) - np.repeat(ds.offsets[:-1], lengths)
-    in_train = position <= np.repeat(lengths, lengths) - 3
+    in_train = position <= np.repeat(last_train_prefix(lengths), lengths)
     return np.bincount(ds.items[in_train], minlength=ds.meta["vocab_size"])
 
 
