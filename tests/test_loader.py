@@ -143,3 +143,16 @@ def test_ray_batches_equal_local_batches(ds, ray_cluster):
     assert shuffled[0]["user"].tolist() != unshuffled["user"].tolist()
     first = shuffled[0]
     assert first["items"].shape[1] == int(first["lengths"].max())
+
+
+def test_ray_batches_read_rows_selected_by_the_driver(ds, ray_cluster):
+    """A study driver materializes each split's selected rows once; trials read them as they are."""
+    for split, loss in (("train", "all"), ("valid", "last")):
+        selected = ray_samples(ds, split, 12, loss).materialize()
+        args = dict(split=split, batch_size=40, max_len=12, loss_positions=loss)
+        assert _rows(ray_batches(ds, samples=selected, **args)) == _rows(local_batches(ds, **args))
+    selected = ray_samples(ds, "train", 12, "last").materialize()
+    args = dict(split="train", batch_size=40, max_len=12, shuffle=True)
+    one = list(ray_batches(ds, samples=selected, seed=5, **args))
+    assert _rows(one) == _rows(local_batches(ds, "train", 40, 12))
+    assert one[0]["user"].tolist() != next(local_batches(ds, "train", 40, 12))["user"].tolist()

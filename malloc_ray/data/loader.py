@@ -157,12 +157,19 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False)
 
 
-def ray_samples(ds: Dataset):
-    """The whole samples table as a Ray Dataset; materialize it once and hand it to trials."""
+def ray_samples(ds: Dataset, split: str | None = None, max_len: int | None = None,
+                loss_positions: str = "last"):
+    """Sample rows as a Ray Dataset: the whole table, or with `split` the selected (user,
+    prefix_len) rows. A study driver materializes the selected rows once and hands them to
+    trials, which then read them without launching Ray tasks of their own (tasks inside
+    trials can deadlock when the trials hold every CPU)."""
     import ray.data
 
     ensure_ray()
-    return ray.data.from_pandas(ds.samples)
+    if split is None:
+        return ray.data.from_pandas(ds.samples)
+    rows = select_samples(ds, split, max_len, loss_positions)
+    return ray.data.from_pandas(rows[["user", "prefix_len"]])
 
 
 def ray_batches(ds: Dataset, split: str, batch_size: int, max_len: int,
@@ -171,12 +178,13 @@ def ray_batches(ds: Dataset, split: str, batch_size: int, max_len: int,
                 ) -> Iterator[dict[str, torch.Tensor]]:
     """The same batches as `local_batches`, fed by Ray Data.
 
-    `samples` (default: `ray_samples(ds)`) is either a ray.data.Dataset with the samples
-    table's columns, which is filtered to `split` / `loss_positions` here (one materialized
-    table can serve every split and trial), or a DataIterator shard (`streaming_split`,
-    `ray.train.get_dataset_shard`) that already yields only the wanted (user, prefix_len) rows,
-    e.g. `ray.data.from_pandas(select_samples(...)).streaming_split(n)`, which is read as it
-    comes (shuffle before splitting). `ds` always supplies the sequences.
+    `samples` (default: `ray_samples(ds)`) is a ray.data.Dataset holding either the whole
+    samples table, which is filtered to `split` / `loss_positions` here, or rows already
+    selected by `ray_samples(ds, split, ...)` (no `split` column), which are read as they are;
+    or a DataIterator shard (`streaming_split`, `ray.train.get_dataset_shard`) of selected rows,
+    read as it comes (shuffle before splitting). Shuffling is Ray's seeded local shuffle
+    buffer, which runs in this process rather than as cluster tasks. `ds` always supplies
+    the sequences.
     """
     import ray.data
 
@@ -185,18 +193,21 @@ def ray_batches(ds: Dataset, split: str, batch_size: int, max_len: int,
     _quiet_and_ordered(ray.data.DataContext.get_current())
     if samples is None:
         samples = ray_samples(ds)
+    shuffle_args = {}
     if isinstance(samples, ray.data.Dataset):
-        samples = samples.map_batches(_select_rows, batch_format="numpy", fn_kwargs=dict(
-            split=split, max_len=max_len, loss_positions=loss_positions))
+        if "split" in samples.schema().names:
+            samples = samples.map_batches(_select_rows, batch_format="numpy", fn_kwargs=dict(
+                split=split, max_len=max_len, loss_positions=loss_positions))
         if shuffle:
-            samples = samples.random_shuffle(seed=seed)
+            shuffle_args = {"local_shuffle_buffer_size": max(batch_size, 100_000),
+                            "local_shuffle_seed": seed}
         _quiet_and_ordered(samples.context)  # a dataset made elsewhere has its own context
     elif shuffle:
         raise InputError("cannot shuffle a DataIterator shard; shuffle the dataset before "
                          "splitting it", key="shuffle")
     return samples.iter_torch_batches(batch_size=batch_size, drop_last=drop_last,
                                       collate_fn=_window_collate_class()(ds.arrays, max_len),
-                                      device=device)
+                                      device=device, **shuffle_args)
 
 
 def _quiet_and_ordered(context) -> None:

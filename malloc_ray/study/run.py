@@ -144,7 +144,7 @@ def materialize_samples(records: list[dict]) -> dict:
         ds = loader.load_dataset(cfg["dataset"])
         out[key] = {split: loader.ray_samples(ds, split, cfg["max_len"],
                                               cfg["loss_positions"]).materialize()
-                    for split in ("train", "valid", "test")}
+                    for split in ("train", "valid", "test")}  # selected rows, per split
     return out
 
 
