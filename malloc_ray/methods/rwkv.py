@@ -55,7 +55,7 @@ class RWKV(Method):
 
     name = "rwkv"
     category = "architecture"
-    chunk = 32  # forward's chunk: memory B·N·chunk·D, N/chunk steps; not a model hparam
+    chunk = 16  # forward's chunk: memory B·N·chunk·D, N/chunk steps; not a model hparam
 
     def __init__(self, cfg, hp=None):
         super().__init__(cfg, hp)
