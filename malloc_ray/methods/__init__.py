@@ -1,6 +1,7 @@
 """Memory methods, one module each. Adding a method: its module plus one import line here."""
 
 # One line per method module; importing a module registers its methods.
+from malloc_ray.methods import beacon  # noqa: F401
 from malloc_ray.methods import h2o  # noqa: F401
 from malloc_ray.methods import heads  # noqa: F401
 from malloc_ray.methods import intactkv  # noqa: F401
@@ -11,6 +12,7 @@ from malloc_ray.methods import mla  # noqa: F401
 from malloc_ray.methods import native  # noqa: F401
 from malloc_ray.methods import recompute  # noqa: F401
 from malloc_ray.methods import reformer  # noqa: F401
+from malloc_ray.methods import rwkv  # noqa: F401
 from malloc_ray.methods import snapkv  # noqa: F401
 from malloc_ray.methods.base import REGISTRY, LayerMemory, Method, get_method, method_names, register
 
