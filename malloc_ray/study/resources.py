@@ -8,6 +8,7 @@ multiple of 1/8, and the trial enforces it on itself with
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 from malloc_ray.config import TrialConfig
 
@@ -33,7 +34,8 @@ def gpu_fraction(estimated_bytes: float, device_bytes: float, step: float = 0.12
     `step`, at least one step and at most one device."""
     if device_bytes <= 0:
         raise ValueError("device memory must be positive")
-    steps = math.ceil(estimated_bytes / device_bytes / step - 1e-9)
+    # Exact rationals: a float ratio would round 10 GiB + 1 byte of 80 GiB down to 1/8.
+    steps = math.ceil(Fraction(estimated_bytes) / (Fraction(device_bytes) * Fraction(step)))
     return min(1.0, max(1, steps) * step)
 
 

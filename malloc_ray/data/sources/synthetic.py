@@ -59,9 +59,15 @@ def generate(profile: str = "kuaivideo", users: int = 500, *, max_len: int | Non
     slot = _interest_stream(rng, users, steps)  # (users, steps) index into interests
     cat = np.take_along_axis(interests, slot, axis=1)
     item = _item_in_category(rng, cat, items, categories)
-    n_liked, p_liked = _click_model(prof.positive_rate)
-    # Interests are in random order, so "slot < n_liked" is a uniformly random liked subset.
-    p_click = np.where(slot < n_liked, p_liked, P_DISLIKED)
+    mean_liked, p_liked = _click_model(prof.positive_rate)
+    # Users differ in how many interests they like (uniform on 1..2*mean-1, so the mean and the
+    # overall positive rate stay put): a user's click propensity is a second long-range
+    # signal, estimated from every label of a long history but from about one click in the
+    # last 8. Interests are in random order, so "slot < n_liked" is a random liked subset.
+    # Balanced rather than i.i.d. draws keep the positive rate on target for a few hundred users.
+    n_liked = np.minimum(rng.permutation(np.arange(users) % (2 * mean_liked - 1)) + 1,
+                         INTERESTS - 1)
+    p_click = np.where(slot < n_liked[:, None], p_liked, P_DISLIKED)
     label = (rng.random(p_click.shape) < p_click).astype(np.int8)
     keep = np.arange(steps)[None, :] < lengths[:, None]
     return InteractionLog(
@@ -157,7 +163,8 @@ def _item_in_category(rng: np.random.Generator, cat: np.ndarray, items: int,
 
 
 def _click_model(positive_rate: float) -> tuple[int, float]:
-    """(liked interests per user, click prob on them) so the overall rate is `positive_rate`."""
+    """(mean liked interests per user, click prob on them) so the overall rate is
+    `positive_rate`."""
     liked = round(INTERESTS * (positive_rate - P_DISLIKED) / (P_LIKED_TARGET - P_DISLIKED))
     liked = min(max(liked, 1), INTERESTS - 1)
     share = liked / INTERESTS

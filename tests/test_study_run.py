@@ -1,0 +1,140 @@
+"""The study service end to end on local Ray: failures as data, MLflow layout, resume after a
+SIGKILL, and `ray job submit` against a head this test starts (and alone stops)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_TRIAL = {"d_model": 16, "num_heads": 2, "max_len": 16, "batch_size": 32, "epochs": 2,
+              "patience": 2, "loader": "ray"}
+pytestmark = pytest.mark.slow
+
+
+def write_spec(tmp_path: Path, **overrides) -> Path:
+    spec = {"name": "t", "output_dir": str(tmp_path / "runs"),
+            "datasets": {"syn": {"prepare": {"source": "synthetic", "profile": "kuaivideo",
+                                             "users": 60, "max_len": 16, "seed": 0}}},
+            "methods": ["native", "wo_mem"], "depths": [1], "seeds": [0],
+            "trial": dict(TINY_TRIAL), "resources": {"cpus_per_trial": 1}}
+    spec.update(overrides)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def cli(*args, env=None, **kwargs):
+    return subprocess.run([sys.executable, "-m", "malloc_ray", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, **kwargs)
+
+
+def test_faulty_trials_are_rows_and_mlflow_has_one_child_per_cell(tmp_path):
+    spec = write_spec(tmp_path, methods=["native", "wo_mem", "mqa", "h2o"], overrides=[
+        {"match": {"method": "wo_mem"}, "set": {"fault": "nan:1"}},
+        {"match": {"method": "mqa"}, "set": {"fault": "raise:0"}}])
+    done = cli("study", "run", str(spec), timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    study_dir = tmp_path / "runs" / "t"
+    table = pd.read_parquet(study_dir / "trials.parquet").set_index("method")
+    assert table.loc["native", "status"] == "ok" and table.loc["h2o", "status"] == "ok"
+    assert table.loc["wo_mem", "status"] == "diverged"
+    assert table.loc["wo_mem", "failed_epoch"] == "1"
+    assert table.loc["mqa", "status"] == "error" and "injected" in table.loc["mqa", "reason"]
+    assert table.loc["h2o", "epochs_run"] == 0  # post-hoc: Native's weights, no training
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{study_dir / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["t"])
+    parents = runs[runs["tags.malloc.role"] == "study"]
+    children = runs[runs["tags.malloc.role"] == "trial"]
+    assert len(parents) == 1 and len(children) == len(table) == 4
+    assert (children["tags.mlflow.parentRunId"] == parents["run_id"].iloc[0]).all()
+    for tag in ("method", "category", "workflow", "depth", "seed", "dataset_id", "config_hash",
+                "status"):
+        assert children[f"tags.{tag}"].notna().all(), tag
+    by_method = children.set_index("tags.method")
+    assert by_method.loc["wo_mem", "tags.status"] == "diverged"
+    assert by_method.loc["h2o", "tags.workflow"] == "post-hoc"
+    assert set(by_method["tags.config_hash"]) == set(table["trial_id"])
+
+
+def test_sigkill_then_resume_runs_every_cell_exactly_once(tmp_path):
+    spec = write_spec(tmp_path, depths=[1, 2], seeds=[0, 1],
+                      trial={**TINY_TRIAL, "epochs": 3})
+    study_dir = tmp_path / "runs" / "t"
+    proc = subprocess.Popen([sys.executable, "-m", "malloc_ray", "study", "run", str(spec)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not list((study_dir / "trials").glob("*.json")):
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    proc.wait()
+    before = {p.name: json.loads(p.read_text()) for p in (study_dir / "trials").glob("*.json")}
+    assert 1 <= len(before) < 8, "the kill must land mid-study"
+
+    resumed = cli("study", "resume", str(spec), timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    table = pd.read_parquet(study_dir / "trials.parquet")
+    assert len(table) == 8 and table["trial_id"].is_unique
+    assert not table.duplicated(["method", "depth", "seed"]).any()
+    for name, result in before.items():  # finished before the kill: not trained again
+        row = table[table["trial_id"] == result["trial_id"]].iloc[0]
+        assert row["mlflow_run_id"] == result["mlflow_run_id"]
+        assert row["finished_at"] == pytest.approx(result["finished_at"])
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{study_dir / 'mlflow.db'}")
+    children = mlflow.search_runs(experiment_names=["t"],
+                                  filter_string="tags.`malloc.role` = 'trial'")
+    assert len(children) == 8 and children["tags.config_hash"].is_unique
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray_processes_of(temp_dir: str) -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return [int(line.split(None, 1)[0]) for line in out.splitlines() if temp_dir in line]
+
+
+def test_ray_job_submit_runs_the_smoke_quickstart(tmp_path):
+    ray_bin = Path(sys.executable).parent / "ray"
+    temp_dir = f"/tmp/rj{os.getpid()}"  # short: Ray's socket paths must stay < 108 chars
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dashboard = _free_port(), _free_port()
+    start = subprocess.run([str(ray_bin), "start", "--head", f"--port={gcs}", "--num-cpus=2",
+                            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                            "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
+                            "--disable-usage-stats"], env=env, capture_output=True, text=True)
+    try:
+        assert start.returncode == 0, start.stderr[-2000:]
+        out = tmp_path / "runs"
+        submit = subprocess.run(
+            [str(ray_bin), "job", "submit", f"--address=http://127.0.0.1:{dashboard}",
+             "--working-dir", str(REPO), "--", "python", "-m", "malloc_ray", "study", "run",
+             "experiments/quickstart.yaml", "--smoke-test", "--output-dir", str(out)],
+            env=env, capture_output=True, text=True, timeout=900)
+        assert submit.returncode == 0, (submit.stdout[-3000:], submit.stderr[-3000:])
+        table = pd.read_parquet(out / "quickstart-smoke" / "trials.parquet")
+        assert len(table) > 0 and (table["status"] == "ok").all()
+    finally:
+        for pid in _ray_processes_of(temp_dir):  # only what this test started
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
