@@ -28,6 +28,8 @@ class TrialConfig:
     num_heads: int = 4
     max_len: int = 128                   # interactions per window, target included
     dropout: float = 0.1
+    silu_qkv: bool = True            # SiLU on u,q,k,v (ArkHSTU) or on u only
+    label_carries_item: bool = True  # label token = label + item embedding (docs/model.md)
     loss_positions: str = "all"
     hparams: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 64

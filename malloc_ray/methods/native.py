@@ -44,7 +44,10 @@ class HSTUAttention(Method):
         self.out_norm = nn.LayerNorm(D)
 
     def project(self, x):
-        u, q, k, v = F.silu(self.f1(x)).chunk(4, dim=-1)
+        u, q, k, v = self.f1(x).chunk(4, dim=-1)
+        u = F.silu(u)
+        if self.cfg.silu_qkv:
+            q, k, v = F.silu(q), F.silu(k), F.silu(v)
         h = self.cfg.num_heads
         return u, split_heads(q, h), split_heads(k, h), split_heads(v, h)
 

@@ -67,7 +67,11 @@ class CTRModel(nn.Module):
         Real tokens of a user get positions start, start+1, ...; padding gets negative ones.
         """
         b, s = items.shape
-        x = torch.stack([self.item_emb(items), self.label_emb(labels)], 2).flatten(1, 2)
+        item = self.item_emb(items)
+        label = self.label_emb(labels)
+        if self.cfg.label_carries_item:
+            label = label + item
+        x = torch.stack([item, label], 2).flatten(1, 2)
         first = 2 * (s - lengths)  # index of the first real token
         pos = torch.arange(2 * s, device=items.device)[None, :] - first[:, None]
         valid = pos >= 0

@@ -36,6 +36,10 @@ class HSTUConfig:
     dropout: float = 0.1
     num_buckets: int = 32
     max_distance: int = 128
+    silu_qkv: bool = True   # ArkHSTU: SiLU on u,q,k,v; False: on u only (production HSTU)
+    # The label token y_t also carries its item's embedding, so one attention hop can match a
+    # target against earlier (item, label) pairs; False is ArkHSTU's label-only token.
+    label_carries_item: bool = True
 
     def __post_init__(self):
         if self.d_model % self.num_heads:

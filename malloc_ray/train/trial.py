@@ -39,7 +39,8 @@ def resolve_device(name: str) -> torch.device:
 
 def build_model(cfg: TrialConfig, vocab_size: int) -> CTRModel:
     hstu = HSTUConfig(d_model=cfg.d_model, num_heads=cfg.num_heads, num_layers=cfg.depth,
-                      max_len=cfg.max_len, dropout=cfg.dropout)
+                      max_len=cfg.max_len, dropout=cfg.dropout, silu_qkv=cfg.silu_qkv,
+                      label_carries_item=cfg.label_carries_item)
     return CTRModel(hstu, cfg.method, vocab_size, cfg.hparams, cfg.loss_positions)
 
 
