@@ -130,6 +130,49 @@ def _cmd_study(args) -> int:
     return 0
 
 
+def _cost_parser(sub) -> None:
+    p = sub.add_parser("cost", help="MACs per request and bytes per user of every method at "
+                                    "the paper's scale (Table 3)")
+    p.add_argument("--profile", choices=["kuaivideo", "amazon"], default="kuaivideo",
+                   help="sequence length: kuaivideo L=1024, amazon L=128")
+    p.add_argument("--paper-compat", action="store_true",
+                   help="also print the paper-compatible counters and the paper's Table 3")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_cost)
+
+
+def _cmd_cost(args) -> int:
+    from malloc_ray.metrics.cost import cost_table
+
+    rows = cost_table(args.profile, args.paper_compat)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+
+    def mib(x):
+        return "-" if x is None else f"{x / 2**20:.2f}"
+
+    def gmacs(x):
+        return "-" if x is None else f"{x / 1e9:.4g}"
+
+    head = f"{'method':11s} {'category':12s} {'workflow':9s} {'GMACs':>9s} {'MiB':>8s} {'MiB+meta':>9s}"
+    if args.paper_compat:
+        head += f" | {'compat GMACs':>12s} {'compat MiB':>10s} | {'paper GMACs':>11s} {'paper MiB':>9s}"
+    print(f"profile {args.profile}: 32 layers, d=256, 8 heads; ours = principled closed forms "
+          "(primary)")
+    print(head)
+    for r in rows:
+        line = (f"{r['method']:11s} {r['category']:12s} {r['workflow']:9s} "
+                f"{gmacs(r['macs_per_request']):>9s} {mib(r['bytes_per_user']):>8s} "
+                f"{mib(r['bytes_with_metadata']):>9s}")
+        if args.paper_compat:
+            paper_mib = "-" if r["paper_mib"] is None else f"{r['paper_mib']:.2f}"
+            line += (f" | {gmacs(r['paper_compat_macs']):>12s} {mib(r['paper_compat_bytes']):>10s}"
+                     f" | {gmacs(r['paper_macs']):>11s} {paper_mib:>9s}")
+        print(line)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from malloc_ray.data import commands as data_commands
 
@@ -139,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _methods_parser(sub)
     _study_parser(sub)
+    _cost_parser(sub)
     return parser
 
 

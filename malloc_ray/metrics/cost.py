@@ -69,3 +69,42 @@ def cost_summary(model: CTRModel, n_history: int) -> dict[str, int]:
     return {"kv_bytes_per_user": nbytes["payload"],
             "kv_bytes_per_user_with_metadata": nbytes["with_metadata"],
             "macs_per_request": macs["request"], "macs_prefill": macs["prefill"]}
+
+
+PAPER_SCALE = dict(d_model=256, num_heads=8, num_layers=32)  # the paper's Table 3 model
+
+
+def cost_table(profile: str, paper_compat: bool = False) -> list[dict]:
+    """Per registered method at the paper's scale (32 layers, d=256, 8 heads, L=1024 or 128):
+    our closed-form MACs per request and bytes per user (payload, with metadata) for L-1
+    history interactions, and with `paper_compat` the paper-compatible counters and the
+    paper's printed Table 3 beside them.
+
+    Closed forms are used because they are cheap at this scale; the tests assert that they
+    equal the bytes measured from real tensors and the matmul MACs FlopCounterMode counts.
+    """
+    from malloc_ray.methods import REGISTRY, method_names
+    from malloc_ray.metrics.paper_compat import PROFILES, paper_table3
+    from malloc_ray.model.hstu import HSTUConfig
+
+    L = PROFILES[profile]
+    cfg = HSTUConfig(max_len=L, dropout=0.0, **PAPER_SCALE)
+    paper = paper_table3(profile) if paper_compat else {}
+    rows = []
+    for name in method_names():
+        cls = REGISTRY[name]
+        hp = cls.Hparams()
+        n_cached = 2 * (L - 1)
+        per_layer = cls.macs(cfg, hp, n_cached, 1)
+        row = {"method": name, "category": cls.category, "workflow": cls.workflow,
+               "macs_per_request": cfg.num_layers * per_layer["request"] + 4 * cfg.d_model,
+               "bytes_per_user": cfg.num_layers * cls.memory_bytes(cfg, hp, n_cached, False),
+               "bytes_with_metadata": cfg.num_layers * cls.memory_bytes(cfg, hp, n_cached, True)}
+        if paper_compat:
+            compat = paper.get(name, {})
+            row.update({"paper_compat_macs": compat.get("macs"),
+                        "paper_compat_bytes": compat.get("bytes"),
+                        "paper_macs": compat.get("paper_macs"),
+                        "paper_mib": compat.get("paper_mib")})
+        rows.append(row)
+    return rows
