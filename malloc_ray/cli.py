@@ -36,6 +36,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--heads", type=int, dest="num_heads")
     p.add_argument("--batch-size", type=int, dest="batch_size")
     p.add_argument("--lr", type=float)
+    p.add_argument("--dropout", type=float)
     p.add_argument("--loss-positions", choices=["all", "last"], dest="loss_positions")
     p.add_argument("--loader", choices=["local", "ray"])
     p.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
@@ -59,7 +60,7 @@ def _cmd_train(args) -> int:
         if not isinstance(raw, dict):
             raise InputError("expected a mapping of trial config keys", file=args.config)
     flags = ("dataset", "method", "depth", "seed", "device", "epochs", "max_len", "d_model",
-             "num_heads", "batch_size", "lr", "loss_positions", "loader")
+             "num_heads", "batch_size", "lr", "dropout", "loss_positions", "loader")
     raw.update({k: getattr(args, k) for k in flags if getattr(args, k) is not None})
     if args.hparam:
         raw["hparams"] = {**raw.get("hparams", {}), **dict(map(_parse_hparam, args.hparam))}
@@ -77,6 +78,22 @@ def _cmd_train(args) -> int:
     if not args.history:
         result.pop("history", None)
     print(json.dumps(result, indent=2, default=float))
+    return 0
+
+
+def _baseline_parser(sub) -> None:
+    p = sub.add_parser("baseline", help="non-neural reference scores on a dataset's split")
+    p.add_argument("kind", choices=["popularity"])
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--split", choices=["valid", "test"], default="test")
+    p.set_defaults(func=_cmd_baseline)
+
+
+def _cmd_baseline(args) -> int:
+    from malloc_ray.data.loader import load_dataset
+    from malloc_ray.train.baselines import popularity_baseline
+
+    print(json.dumps(popularity_baseline(load_dataset(args.dataset), args.split), indent=2))
     return 0
 
 
@@ -181,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands.register(sub)
     _train_parser(sub)
     _methods_parser(sub)
+    _baseline_parser(sub)
     _study_parser(sub)
     _cost_parser(sub)
     return parser
