@@ -99,5 +99,7 @@ def tune_trainable(config: dict, study: StudyRun = None, study_dir: str = None,
     cell = config["cell"]
     result = run_cell(cell, study, study_dir, (samples or {}).get(cell["dataset"]),
                       report=tune.report)
-    final = {k: v for k, v in result.items() if isinstance(v, (int, float, str)) or v is None}
-    tune.report({**final, "done": True})
+    # Tune's progress output shows these; the full result is in the result file and MLflow.
+    keys = ("status", "auc", "gauc", "logloss", "kv_bytes_per_user", "macs_per_request",
+            "best_epoch", "train_seconds")
+    tune.report({**{k: result.get(k) for k in keys}, "done": True})
