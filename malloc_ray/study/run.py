@@ -199,6 +199,85 @@ def run_phase(name: str, spec: StudySpec, records: list[dict], study, samples) -
     tuner.fit()
 
 
+# -- Optuna search ----------------------------------------------------------------------------
+DISTRIBUTIONS = ("uniform", "loguniform", "choice", "randint", "quniform")
+
+
+def search_space(spec: StudySpec, methods: list[str]) -> dict:
+    """Tune search space: method and depth as choices, plus the spec's `search.space`
+    ({trial key: {distribution: args}}, e.g. {lr: {loguniform: [1e-4, 1e-2]}})."""
+    from ray import tune
+
+    space = {"method": tune.choice(methods), "depth": tune.choice(spec.depths)}
+    for key, dist in spec.search.space.items():
+        if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
+            raise InputError(f"expected {{one of {', '.join(DISTRIBUTIONS)}: args}}",
+                             file=spec.source_file, key=f"search.space.{key}")
+        (name, args), = dist.items()
+        space[key] = getattr(tune, name)(args) if name == "choice" else getattr(tune, name)(*args)
+    return space
+
+
+def run_optuna(spec: StudySpec, dirs: dict[str, str], study, smoke_test: bool) -> None:
+    """One Optuna search per dataset over the trained methods; single objective with TPE, or
+    several (e.g. auc and kv_bytes_per_user) with NSGA-II. The Optuna study is stored in
+    <study>/optuna.db beside MLflow. Post-hoc methods are not searched (they need a Native
+    model of the same cell); run them in a grid study."""
+    import optuna
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from malloc_ray.study.spec import OBJECTIVES, smoke_overrides
+    from malloc_ray.study.trainable import run_cell
+
+    methods = [m for m in spec.methods if get_method(m).workflow == "trained"]
+    objectives = spec.search.objectives
+    modes = [OBJECTIVES[o] for o in objectives]
+    storage = optuna.storages.RDBStorage(f"sqlite:///{spec.study_dir / 'optuna.db'}")
+    for ds in spec.datasets:
+        meta = read_meta(dirs[ds.name])
+        done = [r for r in results_mod.finished_results(spec.study_dir).values()
+                if r["dataset"] == ds.name]
+        budget = (2 if smoke_test else spec.search.num_samples) - len(done)
+        log(f"optuna on {ds.name}: {len(done)} trials finished, {max(budget, 0)} to run")
+        if budget <= 0:
+            continue
+
+        def trainable(config, ds_name=ds.name, ds_dir=dirs[ds.name], meta=meta):
+            raw = {**spec.trial, **config, "dataset": ds_dir, "seed": spec.seeds[0],
+                   "hparams": dict(spec.hparams.get(config["method"], {}))}
+            if smoke_test:
+                raw.update(smoke_overrides(raw))
+            cfg = TrialConfig.from_dict(raw)
+            method = get_method(cfg.method)
+            trial_id = config_hash(cfg, meta["dataset_id"])
+            record = {"trial_id": trial_id, "config": cfg.to_dict(), "dataset": ds_name,
+                      "dataset_id": meta["dataset_id"], "category": method.category,
+                      "workflow": method.workflow, "gpu_fraction": 0.0,
+                      "estimated_memory_bytes": estimate_peak_bytes(cfg, meta["vocab_size"]),
+                      "name": f"{ds_name}-{cfg.method}-d{cfg.depth}-{trial_id[:6]}"}
+            result = run_cell(record, study, str(spec.study_dir))
+            tune.report({o: result.get(o) if result.get(o) is not None else float("nan")
+                         for o in objectives} | {"status": result["status"]})
+
+        sampler = (optuna.samplers.NSGAIISampler(seed=spec.search.seed) if len(objectives) > 1
+                   else optuna.samplers.TPESampler(seed=spec.search.seed))
+        search = OptunaSearch(metric=objectives if len(objectives) > 1 else objectives[0],
+                              mode=modes if len(objectives) > 1 else modes[0], sampler=sampler,
+                              storage=storage, study_name=f"{spec.name}-{ds.name}",
+                              seed=spec.search.seed)
+        tuner = tune.Tuner(
+            tune.with_resources(trainable, {"cpu": spec.resources.cpus_per_trial}),
+            param_space=search_space(spec, methods),
+            tune_config=tune.TuneConfig(search_alg=search, num_samples=budget,
+                                        max_concurrent_trials=spec.resources.max_concurrent_trials),
+            run_config=tune.RunConfig(name=f"{spec.name}-{ds.name}-optuna",
+                                      storage_path=str(spec.study_dir / "ray_results"),
+                                      failure_config=tune.FailureConfig(max_failures=0),
+                                      verbose=1))
+        tuner.fit()
+
+
 # -- the study ---------------------------------------------------------------------------------
 def run_study(spec: StudySpec, smoke_test: bool = False, retry_failed: bool = False
               ) -> pd.DataFrame:
@@ -206,6 +285,8 @@ def run_study(spec: StudySpec, smoke_test: bool = False, retry_failed: bool = Fa
     study_dir.mkdir(parents=True, exist_ok=True)
     tracking_uri = spec.mlflow_tracking_uri or default_tracking_uri(study_dir)
     dirs = prepare_datasets(spec, smoke_test)
+    if spec.search.mode == "optuna":
+        return run_search_study(spec, dirs, tracking_uri, smoke_test)
     cells = expand_cells(spec, dirs, smoke_test)
     init_ray()
     records = cell_records(spec, cells, cuda_device_bytes())
@@ -233,4 +314,21 @@ def run_study(spec: StudySpec, smoke_test: bool = False, retry_failed: bool = Fa
     path = results_mod.write_table(table, study_dir)
     log(f"trials table: {path} ({len(table)} rows"
         + (f"; {len(missing)} cells did not finish: {missing}" if missing else "") + ")")
+    return table
+
+
+def run_search_study(spec: StudySpec, dirs: dict[str, str], tracking_uri: str,
+                     smoke_test: bool) -> pd.DataFrame:
+    init_ray()
+    study = start_study_run(tracking_uri, spec.name, spec.study_dir,
+                            params={"spec": json.dumps(asdict(spec), default=str)})
+    status = "FAILED"
+    try:
+        run_optuna(spec, dirs, study, smoke_test)
+        status = "FINISHED"
+    finally:
+        finish_study_run(study, status)
+    table = results_mod.build_table(list(results_mod.finished_results(spec.study_dir).values()))
+    path = results_mod.write_table(table, spec.study_dir)
+    log(f"trials table: {path} ({len(table)} rows)")
     return table
