@@ -58,6 +58,9 @@ class TrialConfig:
                 raise InputError(f"must be a positive integer, got {getattr(self, key)!r}", key=key)
         if self.max_len < 2:
             raise InputError("must be >= 2 (one history interaction plus the target)", key="max_len")
+        from malloc_ray.methods import get_method  # the registry; imported late, it is heavy
+
+        get_method(self.method).parse_hparams(self.hparams)  # unknown method or key: an error
         if self.fault is not None:
             kind, _, epoch = str(self.fault).partition(":")
             if kind not in ("nan", "raise") or not epoch.isdigit():
