@@ -47,7 +47,7 @@ def test_faulty_trials_are_rows_and_mlflow_has_one_child_per_cell(tmp_path):
     table = pd.read_parquet(study_dir / "trials.parquet").set_index("method")
     assert table.loc["native", "status"] == "ok" and table.loc["h2o", "status"] == "ok"
     assert table.loc["wo_mem", "status"] == "diverged"
-    assert table.loc["wo_mem", "failed_epoch"] == "1"
+    assert table.loc["wo_mem", "failed_epoch"] == 1
     assert table.loc["mqa", "status"] == "error" and "injected" in table.loc["mqa", "reason"]
     assert table.loc["h2o", "epochs_run"] == 0  # post-hoc: Native's weights, no training
 

@@ -36,8 +36,9 @@ def finished_results(study_dir: str | Path) -> dict[str, dict]:
 def build_table(results: list[dict]) -> pd.DataFrame:
     rows = [{c: r.get(c) for c in COLUMNS} for r in results]
     table = pd.DataFrame(rows, columns=COLUMNS)
-    for col in ("reason", "failed_epoch", "best_epoch"):
-        table[col] = table[col].astype("string")  # mixed None/str/int would break parquet
+    table["reason"] = table["reason"].astype("string")
+    for col in ("failed_epoch", "best_epoch", "epochs_run", "depth", "seed"):
+        table[col] = pd.to_numeric(table[col]).astype("Int64")  # None stays missing, not NaN
     return table.sort_values(["dataset", "method", "depth", "seed"]).reset_index(drop=True)
 
 
