@@ -107,29 +107,50 @@ def _free_port() -> int:
 
 
 def _ray_processes_of(temp_dir: str) -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    return [int(line.split(None, 1)[0]) for line in out.splitlines() if temp_dir in line]
+    """Processes whose command line names our temp dir, and all their descendants."""
+    out = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True,
+                         text=True).stdout
+    rows = [line.split(None, 2) for line in out.splitlines() if line.strip()]
+    children: dict[int, list[int]] = {}
+    for pid, ppid, *_ in rows:
+        children.setdefault(int(ppid), []).append(int(pid))
+    found = [int(pid) for pid, _, *args in rows if args and temp_dir in args[0]]
+    stack = list(found)
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found:
+                found.append(child)
+                stack.append(child)
+    return found
 
 
 def test_ray_job_submit_runs_the_smoke_quickstart(tmp_path):
     ray_bin = Path(sys.executable).parent / "ray"
     temp_dir = f"/tmp/rj{os.getpid()}"  # short: Ray's socket paths must stay < 108 chars
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    # The job's `python` is looked up on the PATH that `ray start` saw: put this venv first.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard, agent, metrics = (_free_port() for _ in range(4))
+    # Free ports for everything that has a fixed default, so a Ray already running on this
+    # machine (or a stale agent) cannot take them.
     start = subprocess.run([str(ray_bin), "start", "--head", f"--port={gcs}", "--num-cpus=2",
                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                            "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
+                            f"--dashboard-agent-listen-port={agent}",
+                            f"--metrics-export-port={metrics}", f"--temp-dir={temp_dir}",
                             "--disable-usage-stats"], env=env, capture_output=True, text=True)
     try:
         assert start.returncode == 0, start.stderr[-2000:]
         out = tmp_path / "runs"
-        submit = subprocess.run(
-            [str(ray_bin), "job", "submit", f"--address=http://127.0.0.1:{dashboard}",
-             "--working-dir", str(REPO), "--", "python", "-m", "malloc_ray", "study", "run",
-             "experiments/quickstart.yaml", "--smoke-test", "--output-dir", str(out)],
-            env=env, capture_output=True, text=True, timeout=900)
-        assert submit.returncode == 0, (submit.stdout[-3000:], submit.stderr[-3000:])
+        command = [str(ray_bin), "job", "submit", f"--address=http://127.0.0.1:{dashboard}",
+                   "--working-dir", str(REPO), "--", "python", "-m", "malloc_ray", "study",
+                   "run", "experiments/quickstart.yaml", "--smoke-test", "--output-dir", str(out)]
+        for _ in range(20):  # the head's job agent comes up a little after `ray start` returns
+            submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+            if "No available agent" not in submit.stderr + submit.stdout:
+                break
+            time.sleep(3)
+        assert submit.returncode == 0, (submit.stdout + submit.stderr)[-4000:]
         table = pd.read_parquet(out / "quickstart-smoke" / "trials.parquet")
         assert len(table) > 0 and (table["status"] == "ok").all()
     finally:
