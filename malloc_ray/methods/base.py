@@ -86,14 +86,22 @@ class Method(nn.Module):
     def forward(self, x: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    # Recompute methods get these three for free: nothing kept, 0 bytes, no layer step.
     def prefill(self, x, pos, valid) -> tuple[torch.Tensor, LayerMemory]:
+        if self.recompute:
+            return self.forward(x, pos, valid), LayerMemory()
         raise NotImplementedError
 
     def step(self, x, pos, memory: LayerMemory, append: bool) -> tuple[torch.Tensor, LayerMemory]:
+        if self.recompute:
+            raise RuntimeError(f"{self.name} keeps no layer state: CTRModel.score recomputes "
+                               "from the raw history ids")
         raise NotImplementedError
 
     @classmethod
     def memory_bytes(cls, cfg: HSTUConfig, hp: Any, n_cached: int, metadata: bool = False) -> int:
+        if cls.recompute:
+            return 0
         raise NotImplementedError
 
     @classmethod

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from malloc_ray.methods.base import LayerMemory, Method, register
+from malloc_ray.methods.base import Method, register
 from malloc_ray.methods.native import pair_macs, token_macs
 from malloc_ray.model.hstu import HSTUConfig, merge_heads, split_heads
 
@@ -113,16 +113,6 @@ class Linformer(Method):
         before = torch.cat([torch.zeros_like(outer[:, :, :1]), outer[:, :, :-1].cumsum(2)], 2)
         index = first[:, None, :, None, None].expand_as(outer)
         return before.gather(2, index) + outer
-
-    def prefill(self, x, pos, valid):
-        return self.forward(x, pos, valid), LayerMemory()
-
-    def step(self, x, pos, memory, append):
-        raise RuntimeError("linformer keeps no layer state: CTRModel.score recomputes from raw ids")
-
-    @classmethod
-    def memory_bytes(cls, cfg, hp, n_cached, metadata=False):
-        return 0
 
     @classmethod
     def macs(cls, cfg, hp, n_cached, q=1):

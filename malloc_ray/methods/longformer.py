@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from malloc_ray.methods.base import LayerMemory, register
+from malloc_ray.methods.base import register
 from malloc_ray.methods.native import HSTUAttention, pair_macs, token_macs
 from malloc_ray.model.hstu import merge_heads, pointwise_attention, relative_bucket, visibility
 
@@ -139,17 +139,6 @@ class Longformer(HSTUAttention):
             is_global = target[:, None, n - t:, None]
             av = torch.cat([av[:, :, : n - t], torch.where(is_global, glob, av[:, :, n - t:])], 2)
         return u * self.out_norm(merge_heads(av))
-
-    def prefill(self, x, pos, valid):
-        return self.forward(x, pos, valid), LayerMemory()
-
-    def step(self, x, pos, memory, append):
-        raise RuntimeError("longformer keeps no layer state: CTRModel.score recomputes from raw "
-                           "ids")
-
-    @classmethod
-    def memory_bytes(cls, cfg, hp, n_cached, metadata=False):
-        return 0
 
     @classmethod
     def macs(cls, cfg, hp, n_cached, q=1):

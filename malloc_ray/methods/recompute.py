@@ -7,7 +7,7 @@ layer. Its scores must equal Native's cached ones; its cost is the full quadrati
 
 from __future__ import annotations
 
-from malloc_ray.methods.base import LayerMemory, register
+from malloc_ray.methods.base import register
 from malloc_ray.methods.native import HSTUAttention, pair_macs, token_macs
 
 
@@ -16,16 +16,6 @@ class WoMem(HSTUAttention):
     name = "wo_mem"
     category = "none"
     recompute = True
-
-    def prefill(self, x, pos, valid):
-        return self.forward(x, pos, valid), LayerMemory()
-
-    def step(self, x, pos, memory, append):
-        raise RuntimeError("wo_mem keeps no layer state: CTRModel.score recomputes from raw ids")
-
-    @classmethod
-    def memory_bytes(cls, cfg, hp, n_cached, metadata=False):
-        return 0
 
     @classmethod
     def macs(cls, cfg, hp, n_cached, q=1):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from malloc_ray.methods.base import LayerMemory, Method, register
+from malloc_ray.methods.base import Method, register
 from malloc_ray.methods.longformer import previous_chunks, target_rows
 from malloc_ray.model.hstu import (HSTUConfig, RelativeBias, merge_heads, relative_bucket,
                                    split_heads)
@@ -186,16 +186,6 @@ class Reformer(Method):
         unsorted = torch.empty_like(out).scatter_(-2, order[..., None].expand_as(out), out)
         av = unsorted.mean(2)[:, :, :n]
         return u * self.out_norm(merge_heads(av))
-
-    def prefill(self, x, pos, valid):
-        return self.forward(x, pos, valid), LayerMemory()
-
-    def step(self, x, pos, memory, append):
-        raise RuntimeError("reformer keeps no layer state: CTRModel.score recomputes from raw ids")
-
-    @classmethod
-    def memory_bytes(cls, cfg, hp, n_cached, metadata=False):
-        return 0
 
     @classmethod
     def macs(cls, cfg, hp, n_cached, q=1):
