@@ -140,6 +140,8 @@ def _cmd_study(args) -> int:
     cols = ["dataset", "method", "depth", "seed", "status", "auc", "gauc", "logloss",
             "kv_bytes_per_user", "macs_per_request"]
     print(table[cols].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    metrics = ["trial_id", *cols, "best_epoch", "train_seconds", "samples_per_second"]
+    print("\nmetrics JSON:\n" + table[metrics].to_json(orient="records", indent=1))
     tracking = spec.mlflow_tracking_uri or f"sqlite:///{spec.study_dir / 'mlflow.db'}"
     print(f"\ntrials table: {spec.study_dir / 'trials.parquet'}\n"
           f"MLflow UI:    mlflow ui --backend-store-uri {tracking} --host 127.0.0.1 --port 5000"
