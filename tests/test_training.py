@@ -20,8 +20,8 @@ from malloc_ray.train.trial import run_trial
 
 ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k" / "ml-100k.inter"
 
-TINY = dict(depth=2, d_model=32, num_heads=4, max_len=32, batch_size=32, lr=3e-3, epochs=6,
-            patience=6, dropout=0.0, seed=0)
+TINY = dict(depth=2, d_model=32, num_heads=4, max_len=32, batch_size=32, lr=3e-3, epochs=8,
+            patience=3, dropout=0.0, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def amazon(tmp_path_factory):
     """The amazon profile (short histories, per-user click propensity and liked categories):
     learnable by a tiny model in seconds."""
     out = tmp_path_factory.mktemp("data") / "amazon"
-    prepare("synthetic", out, profile="amazon", users=1000, seed=0)
+    prepare("synthetic", out, profile="amazon", users=2000, seed=0)
     return str(out)
 
 
