@@ -1,4 +1,4 @@
-"""Activation Beacon and RWKV (methods.md §4.6, §4.12, §6 items 6-8). fp32, dropout 0.
+"""Activation Beacon and RWKV (docs/methods/). fp32, dropout 0.
 
 Beacon's default window (128 tokens) is longer than the tiny model's windows (<= 79 tokens),
 so the registry-driven contract tests never condense; the tests here use windows of 4-8.

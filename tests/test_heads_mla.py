@@ -1,4 +1,4 @@
-"""Head-level methods: GQA / MQA and MLA (methods.md §4.2, §4.9, §6 items 2-3). fp32, dropout 0."""
+"""Head-level methods: GQA / MQA and MLA (docs/methods/). fp32, dropout 0."""
 
 import pytest
 import torch
@@ -133,7 +133,7 @@ def test_mla_absorbed_equals_non_absorbed(kv_rank):
 
 def test_mla_with_identity_down_projection_equals_mha_without_kv_silu():
     """d_c = D, W_DKV = I, W_UK = W_K, W_UV = W_V: MLA is HSTU attention with SiLU dropped on
-    K and V only (methods.md §6 item 3); with the SiLU kept it differs."""
+    K and V only (docs/methods/); with the SiLU kept it differs."""
     cfg = tiny_config()
     torch.manual_seed(7)
     layer = MLA(cfg, MLA.Hparams(kv_rank=cfg.d_model)).eval()

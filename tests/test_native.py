@@ -1,4 +1,4 @@
-"""Native KV cache vs recompute: the equivalences of methods.md §4.1 (fp32, dropout off)."""
+"""Native KV cache vs recompute: the equivalences of docs/methods/ (fp32, dropout off)."""
 
 import torch
 

@@ -1,4 +1,4 @@
-"""The paper-compat counters reproduce the MALLOC paper's Table 3 (methods.md §3)."""
+"""The paper-compat counters reproduce the MALLOC paper's Table 3 (docs/results.md)."""
 
 import pytest
 

@@ -1,4 +1,4 @@
-"""H2O and SnapKV (methods.md §4.7, §4.8, §6.5): fp32, dropout off.
+"""H2O and SnapKV (docs/methods/): fp32, dropout off.
 
 Post-hoc methods: every model here loads a Native model's weights (strict), so a difference
 from Native is the pruning alone.

@@ -1,4 +1,4 @@
-"""KIVI and IntactKV: the quantizer, and the equivalences of methods.md §4.10, §4.11, §6.4.
+"""KIVI and IntactKV: the quantizer, and the equivalences of docs/methods/.
 
 fp32, dropout off. Small groups and no residual window (KIVI), so that the tiny sequences here
 are really quantized; the registry-driven contract tests cover the defaults.

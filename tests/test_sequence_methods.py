@@ -1,4 +1,4 @@
-"""Linformer, Reformer, Longformer: the equivalences of methods.md §6 against plain dense
+"""Linformer, Reformer, Longformer: the equivalences, against plain dense
 references, leakage probes, serving = forward, and cost formulas (fp32, dropout off)."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""Activation Beacon: condense each full window of history into a few beacon K,V (methods.md §4.6).
+"""Activation Beacon: condense each full window of history into a few beacon K,V (docs/methods/beacon.md).
 
 The history is cut into windows of `window` tokens by absolute position (window c holds
 positions [c·W, (c+1)·W)). When a window is full, m = window / ratio beacons condense it; only

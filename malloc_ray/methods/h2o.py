@@ -1,4 +1,4 @@
-"""H2O: heavy hitters + recent tokens (methods.md §4.7), post-hoc on Native's weights.
+"""H2O: heavy hitters + recent tokens (docs/methods/h2o.md), post-hoc on Native's weights.
 
 Per layer, user and head the memory keeps `budget` tokens: the `recent` most recent history
 tokens, plus the `budget - recent` others with the largest accumulated attention.

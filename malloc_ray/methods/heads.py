@@ -1,4 +1,4 @@
-"""GQA and MQA: query heads share K,V heads (methods.md §4.2).
+"""GQA and MQA: query heads share K,V heads (docs/methods/gqa.md).
 
 GQA keeps `kv_heads` K,V heads per layer instead of `num_heads`; query head h reads K,V head
 h // (num_heads / kv_heads) (the `repeat_kv` / repeat-interleave convention). MQA is GQA with a
@@ -57,7 +57,7 @@ class GQA(Native):
 
     @dataclass(frozen=True)
     class Hparams:
-        kv_heads: int = 4  # paper fit: 4 of 8 heads -> 63.94 MiB (methods.md §3.1)
+        kv_heads: int = 4  # paper fit: 4 of 8 heads -> 63.94 MiB (docs/methods/gqa.md)
 
         def __post_init__(self):
             if isinstance(self.kv_heads, bool) or not isinstance(self.kv_heads, int) \

@@ -1,4 +1,4 @@
-"""IntactKV: keep pivot tokens in full precision, quantize the rest (methods.md §4.11).
+"""IntactKV: keep pivot tokens in full precision, quantize the rest (docs/methods/intactkv.md).
 
 Post-hoc on Native's weights, with no retraining. In the LLM paper the pivots are a shared
 prefix ([BOS] or the system prompt) whose KV is computed once, in full precision, for every

@@ -1,4 +1,4 @@
-"""KIVI: a 2-bit asymmetric KV cache, keys per channel, values per token (methods.md §4.10).
+"""KIVI: a 2-bit asymmetric KV cache, keys per channel, values per token (docs/methods/kivi.md).
 
 Post-hoc on Native's weights: the layer computes exactly what Native computes; only what is
 kept changes. Per layer and user the memory holds, in token order:

@@ -1,4 +1,4 @@
-"""Linformer (methods.md §4.3): keys and values projected along time. See the class docstring."""
+"""Linformer (docs/methods/linformer.md): keys and values projected along time. See the class docstring."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def slots(cfg: HSTUConfig, hp) -> int:
 
 @register
 class Linformer(Method):
-    """Linformer: keys and values projected along time to k slots (methods.md §4.3).
+    """Linformer: keys and values projected along time to k slots (docs/methods/linformer.md).
 
     A learned E (N x k, N = 2 max_len; `share_kv` uses it for K and V, else a second F) mixes the
     sequence's keys into k projected keys, K~ = sum_j E[pos_j] k_j (same for V), and every query

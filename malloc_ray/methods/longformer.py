@@ -1,4 +1,4 @@
-"""Longformer (methods.md §4.5): causal sliding window plus a global target (see the class)."""
+"""Longformer (docs/methods/longformer.md): causal sliding window plus a global target (see the class)."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def window_geometry(n: int, window: int) -> tuple[int, int, int]:
 
 @register
 class Longformer(HSTUAttention):
-    """Longformer: causal sliding window plus the target as a global token (methods.md §4.5).
+    """Longformer: causal sliding window plus the target as a global token (docs/methods/longformer.md).
 
     Every token attends to itself and the `window` tokens just before it (positions p - w .. p - 1),
     computed chunk by chunk as allenai's `sliding_chunks` does (a chunk of w queries against its own

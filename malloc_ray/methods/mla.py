@@ -1,4 +1,4 @@
-"""MLA: multi-head latent attention, a low-rank latent KV cache (methods.md §4.9).
+"""MLA: multi-head latent attention, a low-rank latent KV cache (docs/methods/mla.md).
 
 Per layer and user it keeps one latent vector c = W_DKV·x of r floats per history token (plus
 positions) instead of K and V (2D floats). Keys and values are linear in it, K_h = W_UK,h·c and

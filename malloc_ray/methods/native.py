@@ -1,4 +1,4 @@
-"""Native: the full KV cache (methods.md §4.1).
+"""Native: the full KV cache (docs/methods/native.md).
 
 Per layer and user it keeps K and V of every history token, (H, N_c, d_h) each, plus their
 positions. A request runs only the new tokens through the layer and attends over

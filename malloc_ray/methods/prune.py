@@ -1,4 +1,4 @@
-"""Shared machinery for per-head token pruning (H2O, SnapKV; methods.md §4.7-4.8).
+"""Shared machinery for per-head token pruning (H2O, SnapKV; docs/methods/h2o.md).
 
 A pruned memory keeps, per layer, user and head, at most `budget` history tokens: their K, V
 and their ORIGINAL positions, so the relative bias of a later query is the one full attention

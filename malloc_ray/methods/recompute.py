@@ -1,4 +1,4 @@
-"""w/o Mem: keep nothing, recompute the whole sequence for every request (methods.md §4.0).
+"""w/o Mem: keep nothing, recompute the whole sequence for every request (docs/methods/wo_mem.md).
 
 Same layer as Native; the difference is the serving path. Only the raw history ids and labels
 are stored (not counted as memory) and each request runs [history; candidates] through every

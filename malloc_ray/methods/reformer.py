@@ -1,4 +1,4 @@
-"""Reformer (methods.md §4.4): shared-QK LSH attention. See the class docstring."""
+"""Reformer (docs/methods/reformer.md): shared-QK LSH attention. See the class docstring."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def shared_token_macs(cfg: HSTUConfig) -> tuple[int, int]:
 
 @register
 class Reformer(Method):
-    """Reformer: shared-QK LSH attention (methods.md §4.4).
+    """Reformer: shared-QK LSH attention (docs/methods/reformer.md).
 
     f1 makes three streams u, qk, v (d -> 3D). Keys are the queries normalised to unit length
     (shared QK). Each of `n_hashes` rounds hashes the keys into `n_buckets` buckets with fixed

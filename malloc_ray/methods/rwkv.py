@@ -1,4 +1,4 @@
-"""RWKV (v4 time-mix): a recurrent state instead of a KV cache (methods.md §4.12).
+"""RWKV (v4 time-mix): a recurrent state instead of a KV cache (docs/methods/rwkv.md).
 
 Per layer and user the memory is four vectors, whatever the history length:
 

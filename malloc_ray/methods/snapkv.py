@@ -1,4 +1,4 @@
-"""SnapKV: keep what an observation window attends to (methods.md §4.8), post-hoc on Native.
+"""SnapKV: keep what an observation window attends to (docs/methods/snapkv.md), post-hoc on Native.
 
 Per layer, user and head the memory keeps `budget` tokens: the `window` most recent history
 tokens (the observation window itself) plus the `budget - window` earlier tokens that the

@@ -1,9 +1,9 @@
-"""Closed-form counters that reproduce the MALLOC paper's Table 3 (see docs methods.md §3).
+"""Closed-form counters that reproduce the MALLOC paper's Table 3 (see docs/results.md).
 
 These exist to check that our conventions match the paper's printed numbers, not to measure cost:
 the measured bytes of a method's memory and the principled MAC formulas live in `metrics.cost`.
 
-Conventions that reproduce the table (methods.md §3.1, §3.2):
+Conventions that reproduce the table (docs/results.md):
 * per-user memory = layers × T_kept × floats per token per layer × bytes, in MiB (2^20 bytes) of fp32;
   a user with L interactions caches T = 2(L−1) tokens (item and label tokens interleaved, the L-th
   interaction is the target);
@@ -17,12 +17,12 @@ from __future__ import annotations
 
 MIB = 2**20
 
-# The paper's model, as implied by Table 3 (methods.md §1): 32 HSTU layers, d = 256, 8 heads of 32.
+# The paper's model, as implied by Table 3: 32 HSTU layers, d = 256, 8 heads of 32.
 LAYERS, D_MODEL, HEADS = 32, 256, 8
 PROFILES = {"kuaivideo": 1024, "amazon": 128}  # sequence length L (interactions, target included)
 
 # Fit of the paper's cached-method MACs (Native, MQA/GQA, KIVI/IntactKV, H2O/SnapKV) against the number
-# of kept history interactions: 21.51 M + 4.2414 M per interaction (methods.md §3.3). Valid only for the
+# of kept history interactions: 21.51 M + 4.2414 M per interaction (docs/results.md). Valid only for the
 # paper's 32 × 256 model.
 FIT_INTERCEPT_MACS = 21.51e6
 FIT_SLOPE_MACS = 4.2414e6
@@ -106,7 +106,7 @@ def linformer_macs_ptflops(layers: int, L: int, k: int = LINFORMER_K, d: int = D
 
 
 def cached_macs_paper_fit(kept_interactions: int) -> float:
-    """Paper-compat MACs of a cached request: the fitted line of methods.md §3.3 (not a principled cost)."""
+    """Paper-compat MACs of a cached request: the fitted line of docs/results.md (not a principled cost)."""
     return FIT_INTERCEPT_MACS + FIT_SLOPE_MACS * kept_interactions
 
 
@@ -127,7 +127,7 @@ def _rows(L: int) -> dict[str, tuple[int, float | None]]:
         "snapkv": (memory_bytes(LAYERS, PRUNE_BUDGET_TOKENS, kv), pruned),
         "mqa": (memory_bytes(LAYERS, T, 2 * head_dim), full),
         "gqa": (memory_bytes(LAYERS, T, 2 * GQA_KV_HEADS * head_dim), full),
-        # MLA's printed MACs fit no formula (methods.md §3.3), so none is claimed here.
+        # MLA's printed MACs fit no formula (docs/results.md), so none is claimed here.
         "mla": (memory_bytes(LAYERS, T, MLA_LATENT), None),
         "kivi": (memory_bytes(LAYERS, T, kv, bits=QUANT_BITS), full),
         "intactkv": (memory_bytes(LAYERS, T, kv, bits=QUANT_BITS), full),

@@ -10,7 +10,7 @@ The *mixer* is the memory method (malloc_ray.methods): it owns f1, the attention
 kept per user. Attention is written as explicit `torch.matmul` so that
 `torch.utils.flop_counter` counts it (SDPA would count as 0).
 
-Two choices that make caching exact (methods.md §2.5):
+Two choices that make caching exact (docs/model.md):
 - the divisor n is a constant (2 * max_len), never the padded length of the batch;
 - the bias depends only on absolute token positions, so appending tokens never changes it.
 """
