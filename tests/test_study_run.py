@@ -67,6 +67,18 @@ def test_faulty_trials_are_rows_and_mlflow_has_one_child_per_cell(tmp_path):
     assert by_method.loc["h2o", "tags.workflow"] == "post-hoc"
     assert set(by_method["tags.config_hash"]) == set(table["trial_id"])
 
+    # the trials table is rebuilt from MLflow alone when the file is lost
+    from malloc_ray.study.results import load_table
+
+    (study_dir / "trials.parquet").unlink()
+    rebuilt = load_table(study_dir, f"sqlite:///{study_dir / 'mlflow.db'}", "t").set_index("method")
+    assert set(rebuilt.index) == set(table.index)
+    for method in table.index:
+        for col in ("trial_id", "status", "depth", "seed", "mlflow_run_id", "kv_bytes_per_user"):
+            assert rebuilt.loc[method, col] == table.loc[method, col], (method, col)
+        assert rebuilt.loc[method, "auc"] == pytest.approx(table.loc[method, "auc"])
+    assert rebuilt.loc["wo_mem", "failed_epoch"] == 1
+
 
 def test_sigkill_then_resume_runs_every_cell_exactly_once(tmp_path):
     spec = write_spec(tmp_path, depths=[1, 2], seeds=[0, 1],
@@ -159,3 +171,22 @@ def test_ray_job_submit_runs_the_smoke_quickstart(tmp_path):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_optuna_multi_objective_search_smoke(tmp_path):
+    spec = write_spec(tmp_path, methods=["native", "mqa"], depths=[1, 2],
+                      search={"mode": "optuna", "num_samples": 2,
+                              "objectives": ["auc", "kv_bytes_per_user"],
+                              "space": {"lr": {"loguniform": [1.0e-4, 1.0e-2]}}})
+    done = cli("study", "run", str(spec), timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    study_dir = tmp_path / "runs" / "t"
+    table = pd.read_parquet(study_dir / "trials.parquet")
+    assert len(table) == 2 and set(table["method"]) <= {"native", "mqa"}
+    import optuna
+
+    study = optuna.load_study(study_name="t-syn", storage=f"sqlite:///{study_dir / 'optuna.db'}")
+    assert len(study.directions) == 2  # NSGA-II over AUC and bytes, persisted beside MLflow
+    assert len(study.trials) == 2
+    again = cli("study", "run", str(spec), timeout=900)  # budget used up: nothing new runs
+    assert again.returncode == 0 and len(pd.read_parquet(study_dir / "trials.parquet")) == 2
