@@ -243,11 +243,21 @@ def run_optuna(spec: StudySpec, dirs: dict[str, str], study, smoke_test: bool) -
         if budget <= 0:
             continue
 
-        def trainable(config, ds_name=ds.name, ds_dir=dirs[ds.name], meta=meta):
+        base = {**spec.trial, "dataset": dirs[ds.name], "seed": spec.seeds[0], "method": "native",
+                "depth": spec.depths[0]}
+        if smoke_test:
+            base.update(smoke_overrides(base))
+        base_cfg = TrialConfig.from_dict(base).to_dict()
+        samples = materialize_samples([{"dataset": ds.name, "config": base_cfg}])
+
+        def trainable(config, ds_name=ds.name, ds_dir=dirs[ds.name], meta=meta, samples=None):
             raw = {**spec.trial, **config, "dataset": ds_dir, "seed": spec.seeds[0],
                    "hparams": dict(spec.hparams.get(config["method"], {}))}
             if smoke_test:
                 raw.update(smoke_overrides(raw))
+            key = f"{ds_name}|{raw.get('max_len', 128)}|{raw.get('loss_positions', 'all')}"
+            if raw.get("loader") == "ray" and key not in (samples or {}):
+                raw["loader"] = "local"  # no driver-made rows for this selection: no Ray tasks
             cfg = TrialConfig.from_dict(raw)
             method = get_method(cfg.method)
             trial_id = config_hash(cfg, meta["dataset_id"])
@@ -256,7 +266,7 @@ def run_optuna(spec: StudySpec, dirs: dict[str, str], study, smoke_test: bool) -
                       "workflow": method.workflow, "gpu_fraction": 0.0,
                       "estimated_memory_bytes": estimate_peak_bytes(cfg, meta["vocab_size"]),
                       "name": f"{ds_name}-{cfg.method}-d{cfg.depth}-{trial_id[:6]}"}
-            result = run_cell(record, study, str(spec.study_dir))
+            result = run_cell(record, study, str(spec.study_dir), (samples or {}).get(key))
             tune.report({o: result.get(o) if result.get(o) is not None else float("nan")
                          for o in objectives} | {"status": result["status"]})
 
@@ -267,7 +277,8 @@ def run_optuna(spec: StudySpec, dirs: dict[str, str], study, smoke_test: bool) -
                               storage=storage, study_name=f"{spec.name}-{ds.name}",
                               seed=spec.search.seed)
         tuner = tune.Tuner(
-            tune.with_resources(trainable, {"cpu": spec.resources.cpus_per_trial}),
+            tune.with_resources(tune.with_parameters(trainable, samples=samples),
+                                {"cpu": spec.resources.cpus_per_trial}),
             param_space=search_space(spec, methods),
             tune_config=tune.TuneConfig(search_alg=search, num_samples=budget,
                                         max_concurrent_trials=spec.resources.max_concurrent_trials),
