@@ -17,7 +17,10 @@ COLUMNS = ["trial_id", "dataset", "dataset_id", "method", "category", "workflow"
            "best_epoch", "epochs_run", "kv_bytes_per_user", "kv_bytes_per_user_with_metadata",
            "macs_per_request", "macs_prefill", "peak_memory_bytes", "estimated_memory_bytes",
            "gpu_fraction", "train_seconds", "samples_per_second", "mlflow_run_id", "started_at",
-           "finished_at"]
+           "finished_at", "hparams", "history"]
+# Per-epoch records (what the convergence curves plot), kept in the table as JSON text so that a
+# report needs nothing but the table.
+EPOCH_KEYS = ("train_loss", "valid_auc", "valid_gauc", "valid_logloss", "seconds")
 
 
 def table_path(study_dir: str | Path) -> Path:
@@ -34,12 +37,36 @@ def finished_results(study_dir: str | Path) -> dict[str, dict]:
 
 
 def build_table(results: list[dict]) -> pd.DataFrame:
-    rows = [{c: r.get(c) for c in COLUMNS} for r in results]
+    rows = [{**{c: r.get(c) for c in COLUMNS}, "history": _history_json(r.get("history")),
+             "hparams": _hparams_json(r)} for r in results]
     table = pd.DataFrame(rows, columns=COLUMNS)
     table["reason"] = table["reason"].astype("string")
     for col in ("failed_epoch", "best_epoch", "epochs_run", "depth", "seed"):
         table[col] = pd.to_numeric(table[col]).astype("Int64")  # None stays missing, not NaN
     return table.sort_values(["dataset", "method", "depth", "seed"]).reset_index(drop=True)
+
+
+def _hparams_json(result: dict) -> str:
+    """The cell's method hyperparameters as canonical JSON (what tells Optuna samples apart)."""
+    value = result.get("hparams")
+    if value is None:
+        value = (result.get("config") or {}).get("hparams") or {}
+    if isinstance(value, str):
+        value = json.loads(value) if value.strip() else {}
+    return json.dumps(value, sort_keys=True)
+
+
+def _history_json(history) -> str:
+    if isinstance(history, str):
+        return history
+    return json.dumps([{k: v for k, v in rec.items() if k == "epoch" or k in EPOCH_KEYS}
+                       for rec in (history or [])])
+
+
+def history(row) -> list[dict]:
+    """The per-epoch records of one trials-table row."""
+    text = row.get("history") if hasattr(row, "get") else None
+    return json.loads(text) if isinstance(text, str) and text else []
 
 
 def write_table(table: pd.DataFrame, study_dir: str | Path) -> Path:
@@ -69,6 +96,7 @@ def table_from_mlflow(tracking_uri: str, experiment: str) -> pd.DataFrame:
     mlflow.set_tracking_uri(tracking_uri)
     runs = mlflow.search_runs(experiment_names=[experiment],
                               filter_string="tags.`malloc.role` = 'trial'")
+    client = mlflow.tracking.MlflowClient(tracking_uri)
     results = []
     for _, run in runs.iterrows():
         row = {"trial_id": run.get("tags.config_hash"), "mlflow_run_id": run["run_id"],
@@ -81,5 +109,17 @@ def table_from_mlflow(tracking_uri: str, experiment: str) -> pd.DataFrame:
                     row[col] = value
         for col in ("depth", "seed"):
             row[col] = int(row[col]) if row.get(col) is not None else None
+        row["history"] = _history_from_mlflow(client, run["run_id"])
+        row["hparams"] = run.get("params.hparams") or "{}"
         results.append(row)
     return build_table(results)
+
+
+def _history_from_mlflow(client, run_id: str) -> list[dict]:
+    """Per-epoch records from the metric histories (step = epoch). The final `valid_auc` is also
+    logged at step 0 after training, so the first value logged at each step is the epoch's."""
+    records: dict[int, dict] = {}
+    for key in EPOCH_KEYS:
+        for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp):
+            records.setdefault(m.step, {"epoch": m.step}).setdefault(key, m.value)
+    return [records[step] for step in sorted(records) if "train_loss" in records[step]]

@@ -26,6 +26,12 @@ def default_tracking_uri(study_dir: Path) -> str:
     return f"sqlite:///{Path(study_dir).resolve() / 'mlflow.db'}"
 
 
+def resolve_tracking_uri(spec_uri: str | None, study_dir: Path) -> str:
+    """The spec's URI (a CLI flag overrides it there), else MLFLOW_TRACKING_URI (how a cluster
+    job is pointed at its MLflow server), else sqlite under the study dir."""
+    return spec_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(study_dir)
+
+
 @dataclass
 class StudyRun:
     """What a trial needs to log its child run (plain data: it travels to Ray workers)."""
@@ -110,13 +116,28 @@ class ChildRun:
                 json.dump(obj, f, indent=2, default=str)
             self.client.log_artifact(self.run_id, path)
 
+    def log_curves(self, result: dict) -> None:
+        """The training-curves PNG people look for on a child run's artifacts tab."""
+        from malloc_ray.study.curves import plot_run_curves
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "training_curves.png")
+            plot_run_curves(result["history"], path, best_epoch=result.get("best_epoch"),
+                            title=f"{result.get('method')} depth {result.get('depth')} "
+                                  f"seed {result.get('seed')} ({result.get('status')})")
+            self.client.log_artifact(self.run_id, path)
+
     def finish(self, result: dict) -> None:
         from mlflow.entities import Metric
 
-        now = _now_ms()
-        metrics = [Metric(k, float(result[k]), now, 0) for k in FINAL_METRICS
+        # Final values go one step past the last epoch, so MLflow shows them as the run's latest
+        # and they never mix with the per-epoch `valid_auc` curve.
+        now, step = _now_ms(), int(result.get("epochs_run") or 0)
+        metrics = [Metric(k, float(result[k]), now, step) for k in FINAL_METRICS
                    if isinstance(result.get(k), (int, float)) and result[k] == result[k]]
         self.client.log_batch(self.run_id, metrics=metrics)
+        if result.get("history"):
+            self.log_curves(result)
         self.client.set_tag(self.run_id, "status", result["status"])
         if result.get("failed_epoch") is not None:
             self.client.set_tag(self.run_id, "failed_epoch", str(result["failed_epoch"]))
