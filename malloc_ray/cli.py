@@ -124,16 +124,30 @@ def _study_parser(sub) -> None:
         q.add_argument("--retry-failed", action="store_true",
                        help="also re-run cells whose status is not ok")
         q.add_argument("--output-dir", help="override the spec's output_dir")
+        q.add_argument("--storage-path", help="override the spec's storage_path (Ray Tune "
+                                              "state): a path or an s3:// / gs:// URI")
+        q.add_argument("--shared-storage", action="store_true",
+                       help="output_dir is one shared mount (e.g. NFS) on every node")
+        q.add_argument("--mlflow-tracking-uri", help="override the spec and MLFLOW_TRACKING_URI")
+        q.add_argument("--no-report", action="store_true",
+                       help="skip building STUDY/report (malloc-ray report builds it later)")
         q.set_defaults(func=_cmd_study)
 
 
 def _cmd_study(args) -> int:
     from malloc_ray.study.run import run_study
     from malloc_ray.study.spec import load_spec
+    from malloc_ray.study.tracking import resolve_tracking_uri
 
     spec = load_spec(args.spec)
     if args.output_dir:
         spec.output_dir = args.output_dir
+    if args.storage_path:
+        spec.storage_path = args.storage_path
+    if args.shared_storage:
+        spec.shared_storage = True
+    if args.mlflow_tracking_uri:
+        spec.mlflow_tracking_uri = args.mlflow_tracking_uri
     if args.smoke_test:
         spec.name = f"{spec.name}-smoke"
     table = run_study(spec, smoke_test=args.smoke_test, retry_failed=args.retry_failed)
@@ -142,10 +156,40 @@ def _cmd_study(args) -> int:
     print(table[cols].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
     metrics = ["trial_id", *cols, "best_epoch", "train_seconds", "samples_per_second"]
     print("\nmetrics JSON:\n" + table[metrics].to_json(orient="records", indent=1))
-    tracking = spec.mlflow_tracking_uri or f"sqlite:///{spec.study_dir / 'mlflow.db'}"
+    tracking = resolve_tracking_uri(spec.mlflow_tracking_uri, spec.study_dir)
+    if not args.no_report:
+        from malloc_ray.report import build_report
+
+        report = build_report(spec.study_dir, tracking_uri=tracking,
+                              say=lambda msg: print(msg, file=sys.stderr)).html
+        print(f"\nreport:       {report}")
     print(f"\ntrials table: {spec.study_dir / 'trials.parquet'}\n"
           f"MLflow UI:    mlflow ui --backend-store-uri {tracking} --host 127.0.0.1 --port 5000"
           f"\n              then open http://127.0.0.1:5000")
+    return 0
+
+
+def _report_parser(sub) -> None:
+    p = sub.add_parser("report", help="tables, figures and report.html of a finished study, "
+                                      "from its trials table (no re-training)")
+    p.add_argument("study_dir", metavar="STUDY", help="the study directory, e.g. runs/quickstart")
+    p.add_argument("--mlflow-tracking-uri", help="where the study's runs are (default: the one "
+                                                 "recorded in STUDY/study.json)")
+    p.add_argument("--no-mlflow", action="store_true",
+                   help="do not log the report as artifacts of the study's MLflow run")
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args) -> int:
+    from malloc_ray.report import build_report
+
+    report = build_report(args.study_dir, tracking_uri=args.mlflow_tracking_uri,
+                          log_to_mlflow=not args.no_mlflow,
+                          say=lambda msg: print(msg, file=sys.stderr))
+    print(json.dumps({"html": str(report.html), "figures": [str(p) for p in report.figures],
+                      "tables": [str(p) for p in report.tables],
+                      "mlflow_run_id": report.mlflow_run_id,
+                      "seconds": round(report.seconds, 2)}, indent=2))
     return 0
 
 
@@ -203,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     _baseline_parser(sub)
     _study_parser(sub)
     _cost_parser(sub)
+    _report_parser(sub)
     return parser
 
 

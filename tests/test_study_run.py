@@ -79,6 +79,28 @@ def test_faulty_trials_are_rows_and_mlflow_has_one_child_per_cell(tmp_path):
             a, b = rebuilt.loc[method, col], table.loc[method, col]
             assert (pd.isna(a) and pd.isna(b)) or a == pytest.approx(b) or a == b, (method, col)
     assert rebuilt.loc["wo_mem", "failed_epoch"] == 1
+    # ... per-epoch curves included (from the metric histories), so reports need nothing else
+    for method in ("native", "wo_mem"):
+        got, want = (json.loads(t.loc[method, "history"]) for t in (rebuilt, table))
+        assert len(got) == len(want)
+        for g, w in zip(got, want):  # NaN values (single-class GAUC) are not logged to MLflow
+            assert g == pytest.approx({k: v for k, v in w.items() if v == v})
+    assert len(json.loads(rebuilt.loc["native", "history"])) == 2
+
+    # the report: built from the table, failures listed, logged on the parent run
+    done = cli("report", str(study_dir), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    failures = pd.read_csv(study_dir / "report" / "tables" / "failures.csv").set_index("method")
+    assert failures.loc["wo_mem", "diverged"] == 1 and failures.loc["mqa", "error"] == 1
+    assert failures.loc["native", "ok"] == 1 and failures["failed"].sum() == 2
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{study_dir / 'mlflow.db'}")
+    parent_id = parents["run_id"].iloc[0]
+    assert "report/report.html" in {a.path for a in client.list_artifacts(parent_id, "report")}
+    native_run = by_method.loc["native", "run_id"]
+    assert "training_curves.png" in {a.path for a in client.list_artifacts(native_run)}
+    info = json.loads((study_dir / "study.json").read_text())
+    assert info["mlflow"]["parent_run_id"] == parent_id and info["code"]["git_commit"]
+    assert info["datasets"]["syn"]["dataset_id"] == table["dataset_id"].iloc[0]
 
 
 def test_sigkill_then_resume_runs_every_cell_exactly_once(tmp_path):
@@ -121,7 +143,7 @@ def _free_port() -> int:
 
 def _ray_processes_of(temp_dir: str) -> list[int]:
     """Processes whose command line names our temp dir, and all their descendants."""
-    out = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True,
+    out = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True,
                          text=True).stdout
     rows = [line.split(None, 2) for line in out.splitlines() if line.strip()]
     children: dict[int, list[int]] = {}
@@ -141,7 +163,9 @@ def test_ray_job_submit_runs_the_smoke_quickstart(tmp_path):
     ray_bin = Path(sys.executable).parent / "ray"
     temp_dir = f"/tmp/rj{os.getpid()}"  # short: Ray's socket paths must stay < 108 chars
     # The job's `python` is looked up on the PATH that `ray start` saw: put this venv first.
+    # A busy 2-core machine can take longer than Ray's default to register the raylet.
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_raylet_start_wait_time_s": "180",
            "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     gcs, dashboard, agent, metrics = (_free_port() for _ in range(4))
@@ -166,6 +190,16 @@ def test_ray_job_submit_runs_the_smoke_quickstart(tmp_path):
         assert submit.returncode == 0, (submit.stdout + submit.stderr)[-4000:]
         table = pd.read_parquet(out / "quickstart-smoke" / "trials.parquet")
         assert len(table) > 0 and (table["status"] == "ok").all()
+        # the study ends with its report, logged on the MLflow parent run
+        study_dir = out / "quickstart-smoke"
+        assert (study_dir / "report" / "report.html").exists()
+        from mlflow.tracking import MlflowClient
+
+        info = json.loads((study_dir / "study.json").read_text())
+        client = MlflowClient(info["mlflow"]["tracking_uri"])
+        listed = {a.path for a in client.list_artifacts(info["mlflow"]["parent_run_id"],
+                                                         "report/figures")}
+        assert "report/figures/fig4_gauc_macs.png" in listed
     finally:
         for pid in _ray_processes_of(temp_dir):  # only what this test started
             try:

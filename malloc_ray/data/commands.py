@@ -12,6 +12,8 @@ import sys
 
 from malloc_ray.data import prepare as prep
 from malloc_ray.data.sources import PROFILES
+from malloc_ray.data.sources.reczoo import X1_FILES
+from malloc_ray.data.sources.reczoo_x2 import X2_FILES
 
 
 def register(subparsers) -> None:
@@ -62,6 +64,30 @@ def _prepare_parser(sub) -> None:
     ml.add_argument("--rating-threshold", type=float, dest="rating_threshold", default=4.0)
     _common(ml)
     ml.set_defaults(func=_cmd_prepare, options=("path", "rating_threshold"))
+    _reczoo_parsers(sources)
+
+
+def _reczoo_parsers(sources) -> None:
+    """The reczoo benchmark layouts (docs/data.md, "reczoo datasets")."""
+    x1 = {"kuaivideo_x1": "KuaiVideo_x1", "microvideo_x1": "MicroVideo1.7M_x1",
+          "amazon_x1": "AmazonElectronics_x1"}
+    for source, name in x1.items():
+        p = sources.add_parser(source, help=f"reczoo {name} CSVs (train.csv + test.csv)")
+        p.add_argument("path", metavar="PATH", help=f"the {name} directory, or one CSV file")
+        p.add_argument("--files", nargs="+", default=list(X1_FILES), metavar="NAME",
+                       help="CSV files to read inside the directory, in this order "
+                            "(default: %(default)s)")
+        _common(p)
+        p.set_defaults(func=_cmd_prepare, options=("path", "files"))
+    x2 = sources.add_parser("longctr_x2", help="reczoo/LongCTR _x2 parquet directory "
+                                               "(KuaiVideo_x2, MicroVideo1.7M_x2)")
+    x2.add_argument("path", metavar="DIR", help="directory with user_info.parquet and the "
+                                                "impression files")
+    x2.add_argument("--files", nargs="+", default=list(X2_FILES), metavar="NAME",
+                    help="impression files, in this order (default: %(default)s)")
+    x2.add_argument("--label", default="is_click", help="0/1 label column")
+    _common(x2)
+    x2.set_defaults(func=_cmd_prepare, options=("path", "files", "label"))
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -71,7 +97,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="keep each user's most recent N interactions")
     p.add_argument("--drop-short-users", action="store_true", dest="drop_short_users",
                    help="drop users with fewer than 3 interactions instead of failing")
-    p.add_argument("--name", help="dataset name (default: profile or file name)")
+    p.add_argument("--name", help="dataset name (default: profile, file or directory name)")
 
 
 def _cmd_prepare(args) -> int:

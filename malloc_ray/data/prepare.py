@@ -62,16 +62,20 @@ def prepare(source: str, out: str | Path, *, overwrite: bool = False,
     if source not in SOURCES:
         raise InputError(f"unknown source {source!r} (choose from {', '.join(SOURCES)})",
                          key="source")
-    args = _bind(SOURCES[source], options)
+    reader = SOURCES[source]
+    args = _bind(reader, options)
     _check_target(Path(out), overwrite)  # fail before a long read, not after
     say(f"reading {source} ...")
-    log = SOURCES[source](**args)
+    # Streaming readers report progress themselves; it is not a setting, so not in meta.json.
+    log = reader(**args, **({"progress": say} if _takes_progress(reader) else {}))
     say(f"read {len(log):,} interactions of {len(np.unique(log.user)):,} users")
     recorded = {"kind": source, **{k: str(v) if isinstance(v, Path) else v
                                    for k, v in args.items()},
                 "max_seq_len": max_seq_len, "drop_short_users": drop_short_users}
+    path = Path(args.get("path", ""))
+    # a directory's whole name: "MicroVideo1.7M_x1" has no file suffix to strip
     default_name = (f"synthetic-{args['profile']}" if source == "synthetic"
-                    else Path(args["path"]).stem)
+                    else path.name if path.is_dir() else path.stem)
     return write_dataset(log, out, name=name or default_name, source=recorded,
                          overwrite=overwrite, max_seq_len=max_seq_len,
                          drop_short_users=drop_short_users, progress=say)
@@ -129,12 +133,16 @@ def _raise_short_user(log: InteractionLog, uidx: np.ndarray, raw_users: np.ndarr
                       counts: np.ndarray, short: np.ndarray) -> None:
     first_row = np.flatnonzero(short[uidx])[0]  # file order: the first short user met
     u = uidx[first_row]
+    # A log read from several files knows which file and row each interaction came from.
+    locate = getattr(log, "locate", None)
+    file, row = (locate(int(first_row)) if locate else
+                 (log.file, int(first_row) + 1 if log.file else None))
     raise InputError(
         f"user {raw_users[u]} has {counts[u]} interaction(s), first at this row; every user "
         f"needs at least {MIN_INTERACTIONS} (history, valid and test targets); "
         f"{int(short.sum())} user(s) are this short: drop them with drop_short_users=True "
         f"(--drop-short-users)",
-        file=log.file, row=int(first_row) + 1 if log.file else None)
+        file=file, row=row)
 
 
 def eval_count(lengths) -> np.ndarray:
@@ -263,12 +271,21 @@ def _atomic_write(out: Path, overwrite: bool, write: Callable[[Path], None]) -> 
 
 def _bind(reader: Callable, options: dict) -> dict:
     """Reader arguments with defaults filled in, so meta.json records every setting."""
+    if "progress" in options:
+        raise InputError("'progress' is not a source option", key="progress")
     try:
         bound = inspect.signature(reader).bind(**options)
     except TypeError as exc:
         raise InputError(f"bad options for this source: {exc}", key="source") from exc
     bound.apply_defaults()
-    return dict(bound.arguments)
+    args = dict(bound.arguments)
+    args.pop("progress", None)
+    # tuple defaults (reczoo `files`) as lists: what meta.json and recipe stamps read back
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}
+
+
+def _takes_progress(reader: Callable) -> bool:
+    return "progress" in inspect.signature(reader).parameters
 
 
 def read_meta(directory: str | Path) -> dict:

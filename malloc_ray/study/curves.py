@@ -29,6 +29,10 @@ def draw_curves(ax_auc, ax_loss, history: list[dict], best_epoch=None, label=Non
                  label=None if label is None else f"{label} train")
     ax_loss.plot(epochs, [r.get("valid_logloss", float("nan")) for r in history], color=color,
                  ls="--", label=None if label is None else f"{label} valid")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax_auc, ax_loss):  # epochs are whole numbers
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if best_epoch is not None and 0 <= best_epoch < len(history):
         ax_auc.plot([epochs[best_epoch]], [auc[best_epoch]], marker="*", ms=12, color=color,
                     mec="black", ls="none")

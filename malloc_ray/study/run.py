@@ -24,11 +24,13 @@ from malloc_ray.config import TrialConfig, config_hash
 from malloc_ray.data.prepare import prepare, read_meta
 from malloc_ray.errors import InputError
 from malloc_ray.methods import get_method
+from malloc_ray.study import provenance
 from malloc_ray.study import results as results_mod
 from malloc_ray.study.resources import estimate_peak_bytes, trial_resources
-from malloc_ray.study.spec import Cell, StudySpec, expand_cells
+from malloc_ray.study.spec import Cell, StudySpec, expand_cells, smoke_spec
 from malloc_ray.study.trainable import checkpoint_path, result_path
-from malloc_ray.study.tracking import default_tracking_uri, finish_study_run, start_study_run
+from malloc_ray.study.storage import check_cluster_storage, tune_storage_path
+from malloc_ray.study.tracking import finish_study_run, resolve_tracking_uri, start_study_run
 
 SMOKE_DATA = {"users": 120, "max_len": 48}  # caps for synthetic recipes under --smoke-test
 
@@ -121,11 +123,21 @@ def init_ray() -> None:
 
 
 def cuda_device_bytes() -> int | None:
+    """Memory of one GPU: the driver's own, else one cluster worker's (a head node without a
+    GPU, as in clusters/), else None."""
+    import ray
     import torch
 
-    if not torch.cuda.is_available():
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory
+    if not ray.cluster_resources().get("GPU"):
         return None
-    return torch.cuda.get_device_properties(0).total_memory
+
+    @ray.remote(num_gpus=1)
+    def probe() -> int:
+        return torch.cuda.get_device_properties(0).total_memory
+
+    return ray.get(probe.remote())
 
 
 def materialize_samples(records: list[dict]) -> dict:
@@ -175,11 +187,13 @@ def run_phase(name: str, spec: StudySpec, records: list[dict], study, samples) -
         return
     log(f"{name}: {len(records)} cells")
     by_name = {r["name"]: r for r in records}
+    # Resolved here, in the driver: Tune runs each trial in its own working directory.
+    study_dir = str(spec.study_dir)
 
     def trainable(config):
         rec = by_name[config["cell_name"]]
         key = f"{rec['dataset']}|{rec['config']['max_len']}|{rec['config']['loss_positions']}"
-        tune_trainable({"cell": rec}, study=study, study_dir=str(spec.study_dir),
+        tune_trainable({"cell": rec}, study=study, study_dir=study_dir,
                        samples={rec["dataset"]: samples.get(key)})
 
     resources = tune.with_resources(trainable,
@@ -192,7 +206,7 @@ def run_phase(name: str, spec: StudySpec, records: list[dict], study, samples) -
                                     trial_name_creator=lambda t: t.config["cell_name"],
                                     trial_dirname_creator=lambda t: t.config["cell_name"]),
         run_config=tune.RunConfig(name=f"{spec.name}-{name}",
-                                  storage_path=str(spec.study_dir / "ray_results"),
+                                  storage_path=tune_storage_path(spec),
                                   failure_config=tune.FailureConfig(max_failures=0),
                                   callbacks=[progress.callback], verbose=1),
     )
@@ -250,7 +264,8 @@ def run_optuna(spec: StudySpec, dirs: dict[str, str], study, smoke_test: bool) -
         base_cfg = TrialConfig.from_dict(base).to_dict()
         samples = materialize_samples([{"dataset": ds.name, "config": base_cfg}])
 
-        def trainable(config, ds_name=ds.name, ds_dir=dirs[ds.name], meta=meta, samples=None):
+        def trainable(config, ds_name=ds.name, ds_dir=dirs[ds.name], meta=meta, samples=None,
+                      study_dir=str(spec.study_dir)):
             raw = {**spec.trial, **config, "dataset": ds_dir, "seed": spec.seeds[0],
                    "hparams": dict(spec.hparams.get(config["method"], {}))}
             if smoke_test:
@@ -266,7 +281,7 @@ def run_optuna(spec: StudySpec, dirs: dict[str, str], study, smoke_test: bool) -
                       "workflow": method.workflow, "gpu_fraction": 0.0,
                       "estimated_memory_bytes": estimate_peak_bytes(cfg, meta["vocab_size"]),
                       "name": f"{ds_name}-{cfg.method}-d{cfg.depth}-{trial_id[:6]}"}
-            result = run_cell(record, study, str(spec.study_dir), (samples or {}).get(key))
+            result = run_cell(record, study, study_dir, (samples or {}).get(key))
             tune.report({o: result.get(o) if result.get(o) is not None else float("nan")
                          for o in objectives} | {"status": result["status"]})
 
@@ -283,7 +298,7 @@ def run_optuna(spec: StudySpec, dirs: dict[str, str], study, smoke_test: bool) -
             tune_config=tune.TuneConfig(search_alg=search, num_samples=budget,
                                         max_concurrent_trials=spec.resources.max_concurrent_trials),
             run_config=tune.RunConfig(name=f"{spec.name}-{ds.name}-optuna",
-                                      storage_path=str(spec.study_dir / "ray_results"),
+                                      storage_path=tune_storage_path(spec),
                                       failure_config=tune.FailureConfig(max_failures=0),
                                       verbose=1))
         tuner.fit()
@@ -292,9 +307,15 @@ def run_optuna(spec: StudySpec, dirs: dict[str, str], study, smoke_test: bool) -
 # -- the study ---------------------------------------------------------------------------------
 def run_study(spec: StudySpec, smoke_test: bool = False, retry_failed: bool = False
               ) -> pd.DataFrame:
+    if smoke_test:
+        spec = smoke_spec(spec)  # the spec's own smoke section, if it has one
+    # Absolute from here on: trials run in Tune's per-trial working directories.
+    spec.output_dir = str(Path(spec.output_dir).expanduser().resolve())
     study_dir = spec.study_dir
     study_dir.mkdir(parents=True, exist_ok=True)
-    tracking_uri = spec.mlflow_tracking_uri or default_tracking_uri(study_dir)
+    tracking_uri = resolve_tracking_uri(spec.mlflow_tracking_uri, study_dir)
+    init_ray()  # first: a multi-node cluster without shared storage stops before any work
+    check_cluster_storage(spec, tracking_uri)
     dirs = prepare_datasets(spec, smoke_test)
     if spec.search.mode == "optuna":
         return run_search_study(spec, dirs, tracking_uri, smoke_test)
@@ -309,6 +330,7 @@ def run_study(spec: StudySpec, smoke_test: bool = False, retry_failed: bool = Fa
         f"{len(todo)} to run; MLflow: {tracking_uri}")
     study = start_study_run(tracking_uri, spec.name, study_dir,
                             params={"spec": json.dumps(asdict(spec), default=str)})
+    provenance.write(study_dir, provenance.collect(spec, dirs, tracking_uri, study, smoke_test))
     status = "FAILED"
     try:
         samples = materialize_samples(todo)
@@ -333,6 +355,8 @@ def run_search_study(spec: StudySpec, dirs: dict[str, str], tracking_uri: str,
     init_ray()
     study = start_study_run(tracking_uri, spec.name, spec.study_dir,
                             params={"spec": json.dumps(asdict(spec), default=str)})
+    provenance.write(spec.study_dir, provenance.collect(spec, dirs, tracking_uri, study,
+                                                        smoke_test))
     status = "FAILED"
     try:
         run_optuna(spec, dirs, study, smoke_test)

@@ -81,7 +81,13 @@ class StudySpec:
     search: SearchSpec = field(default_factory=SearchSpec)
     resources: ResourceSpec = field(default_factory=ResourceSpec)
     output_dir: str = "runs"
+    # Ray Tune's experiment storage: a path or an s3:// / gs:// URI (default <study>/ray_results)
+    storage_path: str | None = None
+    # the user's word that output_dir (and a local storage_path) is one mount on every node
+    shared_storage: bool = False
     mlflow_tracking_uri: str | None = None
+    # what --smoke-test runs instead: {datasets, methods, depths, seeds, trial} (smoke_spec)
+    smoke: dict = field(default_factory=dict)
     source_file: str | None = None
 
     @property
@@ -106,14 +112,8 @@ def parse_spec(raw: Any, file: str | None = None) -> StudySpec:
     for key in ("name", "datasets", "methods"):
         if key not in raw:
             raise InputError("required key is missing", file=file, key=key)
-    datasets = []
-    for name, ds in _check_keys(raw["datasets"], set(raw["datasets"] or {}), "datasets",
-                                file).items():
-        ds = _check_keys(ds, {"path", "prepare"}, f"datasets.{name}", file)
-        if bool(ds.get("path")) == bool(ds.get("prepare")):
-            raise InputError("give exactly one of 'path' or 'prepare'", file=file,
-                             key=f"datasets.{name}")
-        datasets.append(DatasetSpec(name=name, **ds))
+    datasets = _parse_datasets(raw["datasets"], "datasets", file)
+    smoke = _parse_smoke(raw.pop("smoke", None), {d.name for d in datasets}, file)
     mlflow = _check_keys(raw.pop("mlflow", None), {"tracking_uri"}, "mlflow", file)
     search = SearchSpec(**_check_keys(raw.pop("search", None),
                                       {f.name for f in dataclasses.fields(SearchSpec)}, "search",
@@ -122,10 +122,59 @@ def parse_spec(raw: Any, file: str | None = None) -> StudySpec:
                                            {f.name for f in dataclasses.fields(ResourceSpec)},
                                            "resources", file))
     raw = {k: v for k, v in raw.items() if k != "datasets"}
-    spec = StudySpec(datasets=datasets, search=search, resources=resources,
+    spec = StudySpec(datasets=datasets, search=search, resources=resources, smoke=smoke,
                      mlflow_tracking_uri=mlflow.get("tracking_uri"), source_file=file, **raw)
     _validate(spec, file)
     return spec
+
+
+def _parse_datasets(raw: Any, where: str, file: str | None) -> list[DatasetSpec]:
+    datasets = []
+    for name, ds in _check_keys(raw, set(raw or {}), where, file).items():
+        ds = _check_keys(ds, {"path", "prepare"}, f"{where}.{name}", file)
+        if bool(ds.get("path")) == bool(ds.get("prepare")):
+            raise InputError("give exactly one of 'path' or 'prepare'", file=file,
+                             key=f"{where}.{name}")
+        datasets.append(DatasetSpec(name=name, **ds))
+    return datasets
+
+
+def _parse_smoke(raw: Any, dataset_names: set[str], file: str | None) -> dict:
+    """The spec's `smoke:` section: what --smoke-test runs instead (see smoke_spec)."""
+    smoke = dict(_check_keys(raw, {"datasets", "methods", "depths", "seeds", "trial"}, "smoke",
+                             file))
+    if "datasets" in smoke:
+        smoke["datasets"] = _parse_datasets(smoke["datasets"], "smoke.datasets", file)
+        for ds in smoke["datasets"]:
+            if ds.name not in dataset_names:
+                raise InputError("a smoke dataset replaces a dataset of the same key; there is "
+                                 "none", file=file, key=f"smoke.datasets.{ds.name}")
+    if not isinstance(smoke.get("trial", {}), dict):
+        raise InputError("expected a mapping of trial keys", file=file, key="smoke.trial")
+    for key in ("methods", "depths", "seeds"):
+        if key in smoke and (not isinstance(smoke[key], list) or not smoke[key]):
+            raise InputError("must be a non-empty list", file=file, key=f"smoke.{key}")
+    return smoke
+
+
+def smoke_spec(spec: StudySpec) -> StudySpec:
+    """The spec --smoke-test runs: its `smoke:` section's datasets replace those of the same
+    key (e.g. small synthetic stand-ins for data CI does not have), its methods, depths and
+    seeds replace the grid's, and its `trial` keys update the spec's (e.g. device: cpu).
+    Without a section, the spec itself."""
+    smoke = spec.smoke
+    if not smoke:
+        return spec
+    swap = {d.name: d for d in smoke.get("datasets", [])}
+    methods = smoke.get("methods", spec.methods)
+    out = dataclasses.replace(
+        spec, datasets=[swap.get(d.name, d) for d in spec.datasets], methods=methods,
+        hparams={m: hp for m, hp in spec.hparams.items() if m in methods},
+        depths=smoke.get("depths", spec.depths),
+        seeds=smoke.get("seeds", spec.seeds), trial={**spec.trial, **smoke.get("trial", {})},
+        smoke={})
+    _validate(out, spec.source_file)
+    return out
 
 
 def _validate(spec: StudySpec, file: str | None) -> None:
@@ -150,6 +199,10 @@ def _validate(spec: StudySpec, file: str | None) -> None:
         if objective not in OBJECTIVES:
             raise InputError(f"unknown objective; known: {', '.join(OBJECTIVES)}", file=file,
                              key="search.objectives")
+    if not isinstance(spec.shared_storage, bool):
+        raise InputError("must be true or false", file=file, key="shared_storage")
+    if spec.storage_path is not None and not isinstance(spec.storage_path, str):
+        raise InputError("must be a path or a URI string", file=file, key="storage_path")
     for key, value in (("depths", spec.depths), ("seeds", spec.seeds)):
         if not value or not all(isinstance(v, int) for v in value):
             raise InputError("must be a non-empty list of integers", file=file, key=key)

@@ -1,0 +1,187 @@
+"""Docs cannot drift: every shell command in a ```bash block of the README, docs/ and
+clusters/README.md is executed here, in order, in a scratch copy of the repository.
+
+Conventions the docs follow:
+* ```bash blocks hold commands that run on a CPU machine; ```console blocks hold commands that
+  need a real cluster or GPU (shown with a `$` prompt) and are not run;
+* the README's set-up commands start with `python3 -m venv .venv && .venv/bin/pip install ...`:
+  the install is what CI itself runs, so here it is dropped and the rest of the line is run in
+  the same environment; the test command itself is CI's only step and is not run again;
+* `benchmarks/*.py` commands get `--smoke-test` (a full benchmark takes minutes to hours; its
+  figures are recorded in docs/benchmarks.md);
+* `mlflow ui` is started on a free port, must answer HTTP 200, and is stopped.
+Inputs a command reads that the docs tell users to bring (a log.csv, reczoo downloads) are
+generated before the commands of that page run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+# Order matters: later pages reuse what earlier ones created (the quickstart study).
+PAGES = ["README.md", "docs/quickstart.md", "docs/study.md", "docs/mlflow.md", "docs/report.md",
+         "docs/data.md", "docs/results.md", "docs/benchmarks.md", "clusters/README.md"]
+INSTALL = re.compile(r"^python3 -m venv \.venv && \.venv/bin/pip install [^&]*&& ")
+pytestmark = pytest.mark.slow
+
+
+def bash_commands(text: str) -> list[str]:
+    """Commands of the ```bash blocks: continuation lines joined, comments and blanks dropped."""
+    commands, block, inside = [], [], False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            if inside:
+                commands += _split(block)
+            inside, block = line.strip() == "```bash", []
+        elif inside:
+            block.append(line)
+    return commands
+
+
+def _split(lines: list[str]) -> list[str]:
+    out, current = [], ""
+    for line in lines:
+        current += line.rstrip()
+        if current.endswith("\\"):
+            current = current[:-1] + " "
+            continue
+        command = re.sub(r"\s+#.*$", "", current).strip() if not current.lstrip().startswith(
+            "#") else ""
+        if command:
+            out.append(command)
+        current = ""
+    return out
+
+
+def test_every_page_with_commands_is_covered():
+    pages = [p.relative_to(REPO).as_posix() for p in
+             [REPO / "README.md", REPO / "clusters" / "README.md", *REPO.glob("docs/**/*.md")]]
+    with_commands = {p for p in pages if bash_commands((REPO / p).read_text())}
+    assert with_commands <= set(PAGES), f"add to PAGES: {sorted(with_commands - set(PAGES))}"
+
+
+def test_command_parsing():
+    text = "x\n```bash\n# c\nmalloc-ray a \\\n    --b 1   # why\n\nls\n```\n```console\n$ no\n```"
+    assert [" ".join(c.split()) for c in bash_commands(text)] == ["malloc-ray a --b 1", "ls"]
+
+
+# -- inputs the docs ask users to bring --------------------------------------------------------
+def _data_page_inputs(root: Path) -> None:
+    sys.path.insert(0, str(REPO / "tests"))
+    import reczoo_fixtures as fx
+
+    rng = np.random.default_rng(0)
+    n = 600
+    user, item = rng.integers(1, 40, n), rng.integers(1, 200, n)
+    ts, label = np.arange(n) * 10, (rng.random(n) < 0.3).astype(int)
+    pd.DataFrame({"user": user, "item": item, "timestamp": ts, "label": label, "uid": user,
+                  "iid": item, "ts": ts, "clicked": label}).to_csv(root / "log.csv", index=False)
+    pd.DataFrame({"user": user, "item": item, "timestamp": ts,
+                  "stars": rng.integers(1, 6, n).astype(float)}).to_parquet(
+        root / "ratings.parquet")
+    data = root / "data"
+    fx.write_kuaivideo_x1(data / "KuaiVideo_x1", fx.paper_truth("kuaivideo", 30, max_len=64))
+    fx.write_microvideo_x1(data / "MicroVideo1.7M_x1", fx.paper_truth("microvideo", 30,
+                                                                      max_len=64))
+    fx.write_amazon_x1(data / "AmazonElectronics_x1", fx.amazon_reviews(30))
+    fx.write_longctr_x2(data / "KuaiVideo_x2", fx.paper_truth("kuaivideo", 30, max_len=64))
+
+
+SETUP = {"docs/data.md": _data_page_inputs}
+
+
+# -- running -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory) -> Path:
+    """<tmp>/repo with the repository's files linked in, and <tmp>/shared beside it, so that
+    `../shared/data` in a command means what it means in a checkout."""
+    base = tmp_path_factory.mktemp("docs")
+    root = base / "repo"
+    root.mkdir()
+    for name in ("malloc_ray", "experiments", "benchmarks", "clusters", "tests", "docs",
+                 "pyproject.toml", "README.md"):
+        (root / name).symlink_to(REPO / name)
+    (root / ".venv").symlink_to(Path(sys.prefix))
+    if SHARED.exists():
+        (base / "shared").symlink_to(SHARED)
+    return root
+
+
+def _env() -> dict:
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+           "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _check_mlflow_ui(command: str, root: Path) -> None:
+    port = _free_port()
+    command = re.sub(r"--port \d+", f"--port {port}", command)
+    proc = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=root, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    assert r.status == 200
+                    return
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+                time.sleep(1)
+        pytest.fail(f"`{command}` did not answer on 127.0.0.1:{port}")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def _prepare(command: str) -> str | None:
+    if INSTALL.match(command):
+        rest = INSTALL.sub("", command)
+        return None if "pytest" in rest else rest  # the test command is CI's own step
+    if re.search(r"(^|\s)(python\s+)?benchmarks/\S+\.py", command):
+        return command + " --smoke-test"
+    return command
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_documented_commands_run(page, scratch):
+    commands = bash_commands((REPO / page).read_text())
+    if any("../shared" in c for c in commands) and not SHARED.exists():
+        pytest.skip(f"{page} reads ../shared/data, which is not present beside the checkout")
+    if page in SETUP:
+        SETUP[page](scratch)
+    for raw in commands:
+        command = _prepare(raw)
+        if command is None:
+            continue
+        if re.match(r"^(\.venv/bin/)?mlflow ui\b", command):
+            _check_mlflow_ui(command, scratch)
+            continue
+        done = subprocess.run(["bash", "-c", command], cwd=scratch, env=_env(),
+                              capture_output=True, text=True, timeout=1200)
+        assert done.returncode == 0, (
+            f"{page}: `{raw}` exited {done.returncode}\n{done.stdout[-2000:]}\n"
+            f"{done.stderr[-3000:]}")
