@@ -45,7 +45,12 @@ def main() -> int:
     p.add_argument("--loader-seconds", type=float, default=20.0,
                    help="time spent iterating batches per max_len")
     p.add_argument("--phase", choices=["all", "generate", "measure"], default="all")
+    p.add_argument("--smoke-test", action="store_true",
+                   help="20,000 rows of 50 users under WORKDIR/smoke: checks the code path")
     args = p.parse_args()
+    if args.smoke_test:  # its own subfolder, so a full-size input there is never reused
+        args.workdir, args.rows, args.users = args.workdir / "smoke", 20_000, 50
+        args.loader_seconds = min(args.loader_seconds, 1.0)
     raw = args.workdir / "KuaiVideo_x1"
     if args.phase in ("all", "generate") and not (raw / "test.csv").is_file():
         t = time.perf_counter()
