@@ -73,7 +73,7 @@ def _write_tables(out: Path, all_tables: list[tables.Table]) -> list[Path]:
     return written
 
 
-def _sections(table, summary, per_depth, info, figs, all_t, failure_marks) -> list:
+def _sections(table, info, figs, all_t, failure_marks) -> list:
     t2, t3, t3p, t4, fail, failed, front, front_d = all_t
     datasets = sorted(table["dataset"].unique())
     mark_text = "; ".join(f"{m['dataset']}/{m['method']}@depth {m['depth']}: {m['statuses']}"
@@ -131,7 +131,7 @@ def build_report(study_dir: str | Path, tracking_uri: str | None = None,
         say("report: drawing figures")
         figs = _figures(table, summary, tmp / "figures")
         fig_paths = {k: v for k, v in figs.items() if k != "_marks"}
-        sections = _sections(table, summary, per_depth, info, fig_paths, all_t, figs["_marks"])
+        sections = _sections(table, info, fig_paths, all_t, figs["_marks"])
         subtitle = (f"{len(table)} trials · {table['dataset'].nunique()} dataset(s) · "
                     f"{len(methods)} method(s) · depths {sorted(table['depth'].unique().tolist())}"
                     f" · built {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from the "

@@ -28,7 +28,7 @@ from malloc_ray.study import provenance
 from malloc_ray.study import results as results_mod
 from malloc_ray.study.resources import estimate_peak_bytes, trial_resources
 from malloc_ray.study.spec import Cell, StudySpec, expand_cells, smoke_spec
-from malloc_ray.study.trainable import checkpoint_path, result_path
+from malloc_ray.study.trainable import checkpoint_path
 from malloc_ray.study.storage import check_cluster_storage, tune_storage_path
 from malloc_ray.study.tracking import finish_study_run, resolve_tracking_uri, start_study_run
 
