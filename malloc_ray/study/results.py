@@ -93,7 +93,9 @@ def load_table(study_dir: str | Path, tracking_uri: str | None = None,
 def table_from_mlflow(tracking_uri: str, experiment: str) -> pd.DataFrame:
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri)
+    from malloc_ray.study.tracking import use_tracking_uri
+
+    use_tracking_uri(tracking_uri)
     runs = mlflow.search_runs(experiment_names=[experiment],
                               filter_string="tags.`malloc.role` = 'trial'")
     client = mlflow.tracking.MlflowClient(tracking_uri)

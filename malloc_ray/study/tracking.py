@@ -22,6 +22,20 @@ FINAL_METRICS = ("auc", "gauc", "logloss", "valid_auc", "best_epoch", "epochs_ru
                  "samples_per_second")
 
 
+def use_tracking_uri(uri: str) -> None:
+    """Point this process's `mlflow` calls at `uri` without exporting it: `mlflow.set_tracking_uri`
+    also sets MLFLOW_TRACKING_URI, which the next study in this process (or any child process)
+    would then take as its own store."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def default_tracking_uri(study_dir: Path) -> str:
     return f"sqlite:///{Path(study_dir).resolve() / 'mlflow.db'}"
 
@@ -44,10 +58,9 @@ class StudyRun:
 def start_study_run(tracking_uri: str, study_name: str, study_dir: Path,
                     params: dict | None = None) -> StudyRun:
     """Experiment + parent run, reusing the parent of an earlier run of the same study."""
-    import mlflow
     from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(tracking_uri)  # creates/migrates the store once, in the driver
+    use_tracking_uri(tracking_uri)  # creates/migrates the store once, in the driver
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(study_name)
     if experiment is None:
