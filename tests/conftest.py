@@ -14,3 +14,11 @@ def ml100k_inter() -> Path:
     if not path.is_file():
         pytest.skip(f"real data not available at {path}")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _no_exported_mlflow_uri(monkeypatch):
+    """`mlflow.set_tracking_uri` exports MLFLOW_TRACKING_URI; without this, a URI set by one test
+    would redirect the studies (and their subprocesses) of every later test. Removed before
+    each test and restored to absent after it."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
