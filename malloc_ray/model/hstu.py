@@ -80,11 +80,15 @@ class RelativeBias(nn.Module):
 
     def forward(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         """q_pos (B, Nq), k_pos (B, Nk) -> bias (B or 1, H, Nq, Nk)."""
-        dist = q_pos[:, :, None].long() - k_pos[:, None, :].long()
-        if bool((dist == dist[:1]).all()):
-            # Left padding shifts a row's query and key positions alike, so distances usually
-            # agree across the batch: gather once (the gather's backward dominates otherwise).
-            dist = dist[:1]
+        q_pos, k_pos = q_pos.long(), k_pos.long()
+        # Left padding shifts a row's query and key positions alike, so distances usually
+        # agree across the batch: gather once (the gather's backward dominates otherwise).
+        # Rows agree exactly when each row is row 0 shifted by one offset for queries and
+        # keys alike; checking that is O(B·N), not O(B·Nq·Nk).
+        shift = q_pos[:, :1] - q_pos[:1, :1]
+        if bool((q_pos - q_pos[:1] == shift).all() and (k_pos - k_pos[:1] == shift).all()):
+            q_pos, k_pos = q_pos[:1], k_pos[:1]
+        dist = q_pos[:, :, None] - k_pos[:, None, :]
         return self.table(relative_bucket(dist, self.num_buckets, self.max_distance)).permute(0, 3, 1, 2)
 
 
@@ -102,12 +106,33 @@ def visibility(q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tensor,
     return ((earlier | same[None]) & k_valid[:, None, :])[:, None]
 
 
-def pointwise_attention(q, k, v, bias, mask, divisor: float) -> torch.Tensor:
+def pointwise_attention_reference(q, k, v, bias, mask, divisor: float) -> torch.Tensor:
     """Reference HSTU attention. q (B,H,Nq,dh), k/v (B,H,Nk,dh) -> (B,H,Nq,dh)."""
     scores = torch.matmul(q, k.transpose(-1, -2)) + bias
     weights = F.silu(scores) / divisor
     weights = weights * mask  # pointwise, not softmax: masked weights are exactly 0
     return torch.matmul(weights, v)
+
+
+def pointwise_attention(q, k, v, bias, mask, divisor: float) -> torch.Tensor:
+    """HSTU attention as `pointwise_attention_reference` computes it, with the same matmuls.
+
+    Without autograd (evaluation, serving) the (B,H,Nq,Nk) score tensor is the cost: the
+    reference allocates five of them. Here the same ops, in the same order, run in place on
+    one buffer, so the result is bitwise the reference's. Training keeps the reference, whose
+    intermediates autograd needs.
+    """
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias))
+    shape = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]) + (q.shape[-2], k.shape[-2])
+    if (needs_grad or q.dtype != bias.dtype or q.dtype != k.dtype
+            or torch.broadcast_shapes(shape, bias.shape, mask.shape) != shape):
+        return pointwise_attention_reference(q, k, v, bias, mask, divisor)
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    scores += bias
+    F.silu(scores, inplace=True)
+    scores /= divisor
+    scores.mul_(mask)
+    return torch.matmul(scores, v)
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
