@@ -18,6 +18,23 @@ DEVICES = ("cpu", "cuda")
 LOADERS = ("local", "ray")
 
 
+# On CPU an evaluation batch is sized by its (B, heads, 2L, 2L) attention score buffer: past
+# about 16 MiB it leaves the caches and every sample gets slower, below a few samples per batch
+# the per-batch overhead dominates (benchmarks/eval_batch.py, docs/benchmarks.md).
+CPU_EVAL_SCORE_BYTES = 16 * 2**20
+CPU_EVAL_BATCH_RANGE = (4, 64)
+CUDA_EVAL_BATCH = 256
+
+
+def default_eval_batch_size(device: str, num_heads: int, max_len: int) -> int:
+    """Evaluation batch size when the config leaves it unset (results do not depend on it)."""
+    if device == "cuda":
+        return CUDA_EVAL_BATCH
+    score_bytes = 4 * num_heads * (2 * max_len) ** 2  # one sample's fp32 scores, one layer
+    low, high = CPU_EVAL_BATCH_RANGE
+    return max(low, min(high, CPU_EVAL_SCORE_BYTES // score_bytes))
+
+
 @dataclass
 class TrialConfig:
     dataset: str                         # prepared dataset directory
@@ -33,7 +50,7 @@ class TrialConfig:
     loss_positions: str = "all"
     hparams: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 64
-    eval_batch_size: int = 256
+    eval_batch_size: int | None = None  # None: sized for the device (default_eval_batch_size)
     lr: float = 5e-4
     weight_decay: float = 0.0
     epochs: int = 20
@@ -53,11 +70,16 @@ class TrialConfig:
             raise InputError(f"must be one of {DEVICES}, got {self.device!r}", key="device")
         if self.loader not in LOADERS:
             raise InputError(f"must be one of {LOADERS}, got {self.loader!r}", key="loader")
-        for key in ("depth", "d_model", "num_heads", "batch_size", "epochs"):
+        for key in ("depth", "d_model", "num_heads", "batch_size", "epochs", "max_len"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise InputError(f"must be a positive integer, got {getattr(self, key)!r}", key=key)
         if self.max_len < 2:
             raise InputError("must be >= 2 (one history interaction plus the target)", key="max_len")
+        if self.eval_batch_size is None:
+            self.eval_batch_size = default_eval_batch_size(self.device, self.num_heads, self.max_len)
+        if not isinstance(self.eval_batch_size, int) or self.eval_batch_size < 1:
+            raise InputError(f"must be a positive integer or null, got {self.eval_batch_size!r}",
+                             key="eval_batch_size")
         from malloc_ray.methods import get_method  # the registry; imported late, it is heavy
 
         get_method(self.method).parse_hparams(self.hparams)  # unknown method or key: an error
@@ -89,7 +111,8 @@ def config_hash(cfg: TrialConfig, dataset_id: str) -> str:
     """Stable id of a trial: everything that changes its result, nothing that does not."""
     resolved = cfg.to_dict()
     resolved["dataset"] = dataset_id
-    for key in ("device", "loader"):  # where it runs does not change what it computes
+    # Where it runs and how evaluation is batched do not change what it computes.
+    for key in ("device", "loader", "eval_batch_size"):
         resolved.pop(key)
     blob = json.dumps(resolved, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

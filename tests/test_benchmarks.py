@@ -23,6 +23,13 @@ def test_request_latency_smoke_prints_both_lengths_against_macs():
     assert "of MAC" in done.stdout and "wo_mem" in done.stdout
 
 
+def test_eval_batch_smoke_marks_the_default_and_the_reference():
+    done = run("eval_batch.py", "--smoke-test")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("<- default") == 1
+    assert "of the best" in done.stdout and "the reference" in done.stdout
+
+
 @pytest.mark.slow
 def test_tune_overhead_smoke_runs_both_sides(tmp_path):
     done = run("tune_overhead.py", "--smoke-test", "--work-dir", str(tmp_path))

@@ -104,6 +104,29 @@ def _data_page_inputs(root: Path) -> None:
 SETUP = {"docs/data.md": _data_page_inputs}
 
 
+# -- what a page claims about its commands' output ----------------------------------------------
+def _recorded_auc(text: str, row: str) -> float:
+    """The test AUC of the results table row starting with `row`."""
+    line = next(l for l in text.splitlines() if l.startswith(f"| {row}"))
+    return float(line.split("|")[2].strip().strip("*"))
+
+
+def _long_history_result(text: str, printed: list[tuple[str, str]]) -> None:
+    """docs/results.md: full window beats the last 8 interactions by >= 0.02 test AUC, and the
+    table records what the two trainings print (to float drift between machines)."""
+    import json
+
+    trains = [json.loads(out) for raw, out in printed if raw.startswith("malloc-ray train")]
+    assert len(trains) == 2, "docs/results.md: expected the full-window and last-8 trainings"
+    full, last8 = trains
+    assert full["auc"] - last8["auc"] >= 0.02, (full["auc"], last8["auc"])
+    assert abs(full["auc"] - _recorded_auc(text, "full")) < 0.01, full["auc"]
+    assert abs(last8["auc"] - _recorded_auc(text, "last 8")) < 0.01, last8["auc"]
+
+
+CHECKS = {"docs/results.md": _long_history_result}
+
+
 # -- running -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory) -> Path:
@@ -173,6 +196,7 @@ def test_documented_commands_run(page, scratch):
         pytest.skip(f"{page} reads ../shared/data, which is not present beside the checkout")
     if page in SETUP:
         SETUP[page](scratch)
+    printed: list[tuple[str, str]] = []
     for raw in commands:
         command = _prepare(raw)
         if command is None:
@@ -185,3 +209,6 @@ def test_documented_commands_run(page, scratch):
         assert done.returncode == 0, (
             f"{page}: `{raw}` exited {done.returncode}\n{done.stdout[-2000:]}\n"
             f"{done.stderr[-3000:]}")
+        printed.append((raw, done.stdout))
+    if page in CHECKS:
+        CHECKS[page]((REPO / page).read_text(), printed)

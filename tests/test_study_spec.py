@@ -88,3 +88,21 @@ def test_resource_dicts_for_tune():
     cpu = TrialConfig(dataset="/d")
     assert trial_resources(cpu, 1000, 0.5, "auto", 80 * gib) == {"cpu": 0.5, "gpu": 0}
     assert trial_resources(small, 1000, 1.0, "auto", None) == {"cpu": 1.0, "gpu": 0}
+
+
+def test_eval_batch_size_defaults_by_device_and_never_changes_the_trial_id():
+    from malloc_ray.config import config_hash
+
+    short = TrialConfig(dataset="/d", max_len=32, num_heads=4)
+    long = TrialConfig(dataset="/d", max_len=512, num_heads=4)
+    assert short.eval_batch_size == 64 and long.eval_batch_size == 4  # CPU: clamped to 4..64
+    assert TrialConfig(dataset="/d", max_len=128, num_heads=4).eval_batch_size == 16
+    assert TrialConfig(dataset="/d", max_len=512, device="cuda").eval_batch_size == 256
+    assert TrialConfig(dataset="/d", eval_batch_size=7).eval_batch_size == 7  # set: kept
+    same = [TrialConfig(dataset="/d", eval_batch_size=b, device=dev)
+            for b, dev in ((None, "cpu"), (None, "cuda"), (3, "cpu"))]
+    assert len({config_hash(c, "id") for c in same}) == 1
+    assert config_hash(TrialConfig(dataset="/d", lr=1e-3), "id") != config_hash(same[0], "id")
+    for bad in (0, "16", 2.5):
+        with pytest.raises(InputError, match="eval_batch_size"):
+            TrialConfig(dataset="/d", eval_batch_size=bad)

@@ -244,5 +244,4 @@ def expand_cells(spec: StudySpec, dataset_dirs: dict[str, str],
 def smoke_overrides(raw: dict) -> dict:
     """Shrink any trial to seconds: one short epoch of a narrow model."""
     return {"epochs": 1, "max_steps_per_epoch": 3, "d_model": min(raw.get("d_model", 64), 32),
-            "num_heads": min(raw.get("num_heads", 4), 4), "max_len": min(raw.get("max_len", 128), 32),
-            "eval_batch_size": 256}
+            "num_heads": min(raw.get("num_heads", 4), 4), "max_len": min(raw.get("max_len", 128), 32)}
