@@ -86,7 +86,8 @@ class RelativeBias(nn.Module):
         # Rows agree exactly when each row is row 0 shifted by one offset for queries and
         # keys alike; checking that is O(B·N), not O(B·Nq·Nk).
         shift = q_pos[:, :1] - q_pos[:1, :1]
-        if bool((q_pos - q_pos[:1] == shift).all() and (k_pos - k_pos[:1] == shift).all()):
+        if q_pos.shape[1] and bool((q_pos - q_pos[:1] == shift).all()
+                                   and (k_pos - k_pos[:1] == shift).all()):
             q_pos, k_pos = q_pos[:1], k_pos[:1]
         dist = q_pos[:, :, None] - k_pos[:, None, :]
         return self.table(relative_bucket(dist, self.num_buckets, self.max_distance)).permute(0, 3, 1, 2)
