@@ -8,7 +8,8 @@ the target). For each L it prints samples/s of an untrained Native model (d = 32
 depth 2) over the validation split of a synthetic kuaivideo dataset, per evaluation batch size,
 with the batch size a trial gets by default (`config.default_eval_batch_size`) marked, and the
 same evaluation with the attention forced onto `pointwise_attention_reference` (the version
-that allocates a new score tensor per op), at the default and the largest batch size. Ratios come from one run on one machine.
+that allocates a new score tensor per op), at the default and the largest batch size. Ratios
+come from one run on one machine.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ generated before the commands of that page run.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -114,8 +115,6 @@ def _recorded_auc(text: str, row: str) -> float:
 def _long_history_result(text: str, printed: list[tuple[str, str]]) -> None:
     """docs/results.md: full window beats the last 8 interactions by >= 0.02 test AUC, and the
     table records what the two trainings print (to float drift between machines)."""
-    import json
-
     trains = [json.loads(out) for raw, out in printed if raw.startswith("malloc-ray train")]
     assert len(trains) == 2, "docs/results.md: expected the full-window and last-8 trainings"
     full, last8 = trains
