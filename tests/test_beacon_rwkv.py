@@ -1,7 +1,10 @@
 """Activation Beacon and RWKV (docs/methods/). fp32, dropout 0.
 
 Beacon's default window (128 tokens) is longer than the tiny model's windows (<= 79 tokens),
-so the registry-driven contract tests never condense; the tests here use windows of 4-8.
+so it declares test settings with windows of 6-8 (`Beacon.test_settings`); the registry-driven
+contract tests (tests/test_method_contract.py) check leakage, serving = forward, bytes and
+request MACs there. The tests here check what is Beacon's own, and ratio 1 (as many kept
+tokens as Native, so not a compressing setting the contract could run).
 """
 
 import copy
@@ -21,8 +24,11 @@ from model_fixtures import history, random_batch, tiny_model
 # target positions 2(l-1): 40 (a window boundary for W = 4, 5, 8), 14, 8, 6, 24, 32
 LENGTHS = [21, 8, 5, 4, 13, 17]
 APPEND_LENGTHS = [21, 8, 5, 13, 17, 10]  # 5: an empty history after dropping 5
-SMALL = [{"window": 8, "ratio": 2}, {"window": 8, "ratio": 8}, {"window": 6, "ratio": 3},
-         {"window": 4, "ratio": 1}]
+RATIO_1 = {"window": 4, "ratio": 1}  # learned beacons, one per raw token: condenses nothing
+RAW = {"window": 4, "ratio": 1, "raw_beacons": True}
+# (id, hparams): the declared settings plus ratio 1 with learned beacons, then raw ones too
+LEARNED = [(s.id, s.hparams) for s in Beacon.test_settings] + [("w4r1", RATIO_1)]
+ALL = LEARNED + [("raw", RAW)]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -102,24 +108,29 @@ def test_read_mask_never_shows_a_raw_token_its_own_windows_beacons():
                        & (window_of(r_pos, W)[:, None, :] == q_win))
 
 
-@pytest.mark.parametrize("hp", SMALL, ids=lambda hp: f"w{hp['window']}r{hp['ratio']}")
-def test_beacon_no_label_leakage(hp):
-    flip_probe(tiny_model("beacon", hparams=hp), random_batch(LENGTHS, seed=11))
+def test_beacon_ratio_1_no_label_leakage_and_serving_equals_forward():
+    """The contract tests' leakage probe and serving = forward, for learned beacons at ratio 1
+    (one beacon per raw token, so as many bytes as Native: not a declared setting)."""
+    model = tiny_model("beacon", hparams=RATIO_1, seed=2)
+    flip_probe(model, random_batch(LENGTHS, seed=11))
+    batch = random_batch(LENGTHS, seed=12)
+    torch.testing.assert_close(serve(model, batch), model.logits(batch)[:, -1], rtol=0,
+                               atol=1e-5)
 
 
-@pytest.mark.parametrize("hp", SMALL, ids=lambda hp: f"w{hp['window']}r{hp['ratio']}")
-def test_beacon_serving_equals_forward_at_target(hp):
+@pytest.mark.parametrize("hp", [hp for _, hp in LEARNED], ids=[i for i, _ in LEARNED])
+def test_beacon_memory_holds_beacons_and_the_unfinished_window(hp):
     model = tiny_model("beacon", hparams=hp, seed=2)
     batch = random_batch(LENGTHS, seed=12)
-    full = model.logits(batch)[:, -1]
-    torch.testing.assert_close(serve(model, batch), full, rtol=0, atol=1e-5)
     # the memory is condensed: beacons of full windows plus the unfinished window
     memory = model.prefill(*history(batch))
     n_hist = 2 * (batch["lengths"] - 1)
-    kept = [int(memory.layers[0].metadata["beacon_valid"][i].sum()
-                + memory.layers[0].metadata["tail_valid"][i].sum()) for i in range(len(n_hist))]
+    meta = memory.layers[0].metadata
+    beacons = [int(meta["beacon_valid"][i].sum()) for i in range(len(n_hist))]
+    kept = [b + int(meta["tail_valid"][i].sum()) for i, b in enumerate(beacons)]
     assert kept == [Beacon.kept_tokens(model.hp, int(n)) for n in n_hist]
-    if hp["ratio"] > 1:
+    assert beacons[0] > 0  # the longest user's history filled windows: beacons are stored
+    if hp["ratio"] > 1:  # the declared settings: fewer kept tokens than history tokens
         assert kept[0] < n_hist[0]
     # candidates: each sees the history and itself only (order does not matter)
     cands = torch.tensor([[3, 7, 11]] * len(LENGTHS))
@@ -147,10 +158,9 @@ def test_beacon_prefill_then_append_equals_forward(hp):
     torch.testing.assert_close(served, full[:, -1], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("hp", [{"window": 8, "ratio": 2}, {"window": 4, "ratio": 1},
-                                {"window": 4, "ratio": 1, "raw_beacons": True}],
-                         ids=["w8r2", "w4r1", "raw"])
-def test_beacon_bytes_and_macs_match_measurement(hp):
+@pytest.mark.parametrize("hp", [RATIO_1, RAW], ids=["w4r1", "raw"])
+def test_beacon_ratio_1_bytes_and_request_macs_match_measurement(hp):
+    """The contract tests' bytes and MACs checks at ratio 1 (not a declared setting)."""
     model = tiny_model("beacon", layers=2, hparams=hp)
     for n_history in (3, 4, 17):
         measured = measure_user_bytes(model, n_history)
@@ -160,7 +170,13 @@ def test_beacon_bytes_and_macs_match_measurement(hp):
     for n_history, q in ((5, 1), (16, 3)):
         assert flop_counter_macs(model, n_history, q) == \
             closed_form_macs(model, n_history, q)["request_matmul"]
-        # prefill (condensation included), one user, against what torch counts
+
+
+@pytest.mark.parametrize("hp", [hp for _, hp in ALL], ids=[i for i, _ in ALL])
+def test_beacon_prefill_macs_match_flop_counter(hp):
+    """Prefill (condensation included), one user, against what torch counts."""
+    model = tiny_model("beacon", layers=2, hparams=hp)
+    for n_history in (5, 16):
         items = torch.randint(1, 50, (1, n_history))
         with FlopCounterMode(display=False) as counter:
             model.prefill(items, torch.randint(0, 2, (1, n_history)), torch.tensor([n_history]))
@@ -246,6 +262,3 @@ def test_rwkv_bytes_constant_in_history_length():
     assert set(sizes.values()) == {2 * 4 * 32 * 4}
     assert RWKV.memory_bytes(model.cfg, model.hp, 10 ** 6) == 4 * 32 * 4
 
-
-def test_rwkv_no_label_leakage():
-    flip_probe(tiny_model("rwkv"), random_batch(LENGTHS, seed=11))

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import malloc_ray.methods.heads  # noqa: F401  (registers gqa, mqa until methods/__init__ does)
 import malloc_ray.methods.mla  # noqa: F401  (registers mla)
 from malloc_ray.errors import InputError
+from malloc_ray.methods import get_method
 from malloc_ray.methods.mla import MLA
 from malloc_ray.metrics.cost import measure_user_bytes
 from malloc_ray.model.hstu import (merge_heads, pointwise_attention, split_heads, visibility)
@@ -105,6 +106,20 @@ def test_cached_equals_recompute_with_appends(method, hparams):
         torch.testing.assert_close(appended, full[:, new], rtol=0, atol=1e-5)
         target = model.score(memory, batch["items"][:, -1:])[:, 0]
         torch.testing.assert_close(target, full[:, -1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method,setting", [
+    pytest.param(m, s, id=f"{m}-{s.id}") for m in ("gqa", "mqa", "mla")
+    for s in get_method(m).test_settings])
+def test_declared_settings_cache_fewer_kv_heads_or_a_narrower_latent(method, setting):
+    """The contract tests run at these settings, so each must share: fewer cached K,V heads
+    than query heads, or a latent narrower than d_model."""
+    model = tiny_model(method, layers=1, hparams=setting.hparams)
+    layer = model.prefill(*history(random_batch(setting.lengths, seed=8))).layers[0]
+    if method == "mla":
+        assert layer.payload["latent"].shape[-1] < model.cfg.d_model
+    else:
+        assert layer.payload["k"].shape[1] == layer.payload["v"].shape[1] < H
 
 
 def set_absorb(model, absorb):

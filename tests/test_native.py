@@ -1,23 +1,14 @@
-"""Native KV cache vs recompute: the equivalences of docs/methods/ (fp32, dropout off)."""
+"""Native KV cache vs recompute: the equivalences of docs/methods/ (fp32, dropout off).
+
+Cached requests equal w/o Mem's recomputed ones and the full forward: the registry-driven
+contract tests check that for every lossless method (tests/test_method_contract.py).
+"""
 
 import torch
 
 from model_fixtures import history, random_batch, tiny_model
 
 LENGTHS = [23, 9, 5, 17, 23, 12]  # random-ish lengths -> left padding inside one batch
-
-
-def test_native_cached_request_equals_wo_mem_recompute():
-    native = tiny_model("native")
-    wo_mem = tiny_model("wo_mem")
-    wo_mem.load_state_dict(native.state_dict())
-    batch = random_batch(LENGTHS, seed=1)
-    target = batch["items"][:, -1:]
-    cached = native.score(native.prefill(*history(batch)), target)[:, 0]
-    recomputed = wo_mem.score(wo_mem.prefill(*history(batch)), target)[:, 0]
-    full = native.logits(batch)[:, -1].detach()
-    torch.testing.assert_close(cached, recomputed, rtol=0, atol=1e-5)
-    torch.testing.assert_close(cached, full, rtol=0, atol=1e-5)
 
 
 def test_prefill_plus_appended_interactions_equals_full_forward():

@@ -1,7 +1,9 @@
 """KIVI and IntactKV: the quantizer, and the equivalences of docs/methods/.
 
-fp32, dropout off. Small groups and no residual window (KIVI), so that the tiny sequences here
-are really quantized; the registry-driven contract tests cover the defaults.
+fp32, dropout off. The models here use each method's first declared test setting (small
+groups, so that the tiny sequences are really quantized); the registry-driven contract tests
+(tests/test_method_contract.py) check leakage, serving = forward, bytes and MACs at every
+declared setting.
 """
 
 import pytest
@@ -15,9 +17,8 @@ from malloc_ray.metrics.cost import closed_form_macs, flop_counter_macs, measure
 from model_fixtures import history, random_batch, tiny_model
 
 LENGTHS = [21, 8, 14, 1, 21, 3]  # left padding, a user with no history, ragged groups
-QUANTIZED = {"kivi": {"group_size": 4, "residual_length": 0},  # tiny groups: really quantized
-             "intactkv": {"group_size": 8, "pivots": 2}}
-METHODS = sorted(QUANTIZED)
+METHODS = ["intactkv", "kivi"]
+QUANTIZED = {m: get_method(m).test_settings[0].hparams for m in METHODS}  # really quantized
 
 
 def with_native_weights(method, **hparams):
@@ -93,17 +94,15 @@ def test_post_hoc_model_loads_native_state_dict_strict(method):
     model.load_state_dict(native.state_dict(), strict=True)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_step_after_prefill_equals_forward_when_quantized(method):
-    """The contract test at a setting that quantizes; several candidates at once too."""
-    _, model = with_native_weights(method)
-    batch = random_batch(LENGTHS, seed=12)
-    full = model.logits(batch)[:, -1].detach()
-    memory = model.prefill(*history(batch))
-    torch.testing.assert_close(model.score(memory, batch["items"][:, -1:])[:, 0], full,
-                               rtol=0, atol=1e-5)
-    slate = torch.cat([batch["items"][:, -1:], torch.randint(1, 60, (len(LENGTHS), 3))], 1)
-    torch.testing.assert_close(model.score(memory, slate)[:, 0], full, rtol=0, atol=1e-5)
+@pytest.mark.parametrize("method,setting", [
+    pytest.param(m, s, id=f"{m}-{s.id}") for m in METHODS for s in get_method(m).test_settings])
+def test_declared_settings_quantize_most_history_tokens(method, setting):
+    """The contract tests run at these settings, so they must quantize: the packed part holds
+    more than half of the longest user's cached tokens."""
+    model = tiny_model(method, layers=1, hparams=setting.hparams)
+    n_history = max(setting.lengths) - 1
+    memory = model.prefill(*history(random_batch([n_history + 1], seed=2))).layers[0]
+    assert memory.payload["k_codes"].shape[1] > n_history  # of 2 n_history cached tokens
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -183,15 +182,16 @@ def test_kivi_groups_keys_per_channel_and_values_per_token():
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_measured_bytes_equal_closed_form_when_quantized(method):
-    for hparams in ({}, {"bits": 4}, {"bits": 16}, {"group_size": 3}):
-        model = tiny_model(method, layers=2, hparams={**QUANTIZED[method], **hparams})
-        for n_history in (1, 3, 17):
-            measured = measure_user_bytes(model, n_history)
-            for metadata, key in ((False, "payload"), (True, "with_metadata")):
-                formula = model.method.memory_bytes(model.cfg, model.hp, 2 * n_history, metadata)
-                assert measured[key] == 2 * formula, (hparams, n_history, metadata)
-        assert flop_counter_macs(model, 16, 3) == closed_form_macs(model, 16, 3)["request_matmul"]
+def test_measured_bytes_equal_closed_form_at_16_bits(method):
+    """16 bits keeps fp32 "codes" and no scales: not a declared setting (it keeps as much as
+    Native), so the contract tests do not measure it."""
+    model = tiny_model(method, layers=2, hparams={**QUANTIZED[method], "bits": 16})
+    for n_history in (1, 3, 17):
+        measured = measure_user_bytes(model, n_history)
+        for metadata, key in ((False, "payload"), (True, "with_metadata")):
+            formula = model.method.memory_bytes(model.cfg, model.hp, 2 * n_history, metadata)
+            assert measured[key] == 2 * formula, (n_history, metadata)
+    assert flop_counter_macs(model, 16, 3) == closed_form_macs(model, 16, 3)["request_matmul"]
 
 
 def test_paper_payload_figure():

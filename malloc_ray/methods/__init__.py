@@ -1,4 +1,5 @@
-"""Memory methods, one module each. Adding a method: its module plus one import line here."""
+"""Memory methods, one module each. Adding a method: its module, one import line here, and the
+other files docs/methods/README.md lists ("Adding a method")."""
 
 # One line per method module; importing a module registers its methods.
 from malloc_ray.methods import beacon  # noqa: F401

@@ -14,6 +14,12 @@ x is the layer input after the block's LayerNorm, (B, N, d); pos are absolute to
 
 Recompute methods (`recompute = True`) keep nothing: the model stores the raw history ids and
 re-runs `forward` for each request.
+
+Every method also declares `test_settings`: hyperparameters and batch lengths at which it
+really does its job on the tiny test model, so that the registry-driven contract tests
+(tests/test_method_contract.py) check it compressing, not at defaults sized for long
+histories that leave a 40-interaction test window uncompressed. `setting_problems` says what
+a registry's declarations lack.
 """
 
 from __future__ import annotations
@@ -55,17 +61,48 @@ class NoHparams:
     pass
 
 
+@dataclass(frozen=True)
+class TestSetting:
+    """One setting at which a method really compresses on the tiny test model
+    (tests/model_fixtures.py: d_model 32, 4 heads, max_len 40).
+
+    Defaults are sized for the paper's histories (a 128-token Beacon window, a 32-token KIVI
+    residual), so at test size they quantize, condense or prune nothing and the contract tests
+    would pass for a method that does nothing. `id` names the pytest case (`kivi-g4r4`);
+    `hparams` are raw, as a study spec gives them (`parse_hparams` must accept them);
+    `lengths` are the window lengths of the test batch, target included, ragged so that left
+    padding is exercised, each at most the tiny model's max_len.
+    """
+
+    __test__ = False  # its name starts with "Test": not a pytest test class
+
+    id: str
+    hparams: dict
+    lengths: tuple[int, ...]
+
+
 class Method(nn.Module):
     name: ClassVar[str]
     category: ClassVar[str]
     workflow: ClassVar[str] = "trained"
     recompute: ClassVar[bool] = False
     Hparams: ClassVar[type] = NoHparams
+    # Declared in each method's own class body (never inherited: a subclass is another method).
+    test_settings: ClassVar[tuple[TestSetting, ...]] = ()
+    # Serving equals Native's and w/o Mem's logits exactly (with the same weights), at every
+    # setting. True only for methods that keep everything or recompute everything.
+    lossless: ClassVar[bool] = False
 
     def __init__(self, cfg: HSTUConfig, hp: Any = None):
         super().__init__()
         self.cfg = cfg
         self.hp = hp if hp is not None else self.Hparams()
+
+    @classmethod
+    def compresses(cls) -> bool:
+        """Whether it must keep strictly fewer bytes per user than Native at the same history
+        length: every category but "none" exists to keep less (recompute methods keep 0)."""
+        return cls.category != "none"
 
     @classmethod
     def parse_hparams(cls, raw: dict | None) -> Any:
@@ -130,6 +167,52 @@ def get_method(name: str) -> type[Method]:
     except KeyError:
         raise InputError(f"unknown method '{name}'; registered: {', '.join(sorted(REGISTRY))}",
                          key="method") from None
+
+
+def setting_problems(registry: dict[str, type[Method]], max_len: int) -> list[str]:
+    """What the registered methods' `test_settings` lack, one sentence each ([]: nothing).
+
+    A registry is passed (not read from REGISTRY) so that a test can check a copy holding a
+    throwaway method. `max_len` is the test model's: a setting's windows must fit it.
+    """
+    return [p for name, cls in sorted(registry.items()) for p in _problems(name, cls, max_len)]
+
+
+def _problems(name: str, cls: type[Method], max_len: int) -> list[str]:
+    where = f"class {cls.__name__} in {cls.__module__.replace('.', '/')}.py"
+    own = cls.__dict__.get("test_settings", ())
+    if not own:
+        inherited = " (inherited settings do not count)" if cls.test_settings else ""
+        return [f"method {name!r} declares no test settings{inherited}: add to {where} "
+                f"`test_settings = (TestSetting(id=\"...\", hparams={{...}}, lengths=(...)),)` "
+                f"(TestSetting from malloc_ray.methods.base) with hyperparameters at which it "
+                f"compresses on the tiny test model (tests/model_fixtures.py, max_len {max_len}); "
+                f"see docs/methods/README.md, 'Adding a method'"]
+    out, ids = [], [s.id for s in own if isinstance(s, TestSetting)]
+    if len(set(ids)) != len(ids):
+        out.append(f"method {name!r}: test setting ids repeat in {where}: {ids}")
+    for s in own:
+        out += _setting_problems(name, cls, s, max_len, where)
+    return out
+
+
+def _setting_problems(name, cls, s, max_len, where) -> list[str]:
+    if not isinstance(s, TestSetting):
+        return [f"method {name!r}: {s!r} in {where} is not a TestSetting"]
+    out = []
+    if not s.id or not s.id.replace("_", "").replace(".", "").isalnum():
+        out.append(f"method {name!r}: test setting id {s.id!r} must be letters, digits, _ or .")
+    try:
+        cls.parse_hparams(s.hparams)
+    except (TypeError, ValueError) as exc:  # InputError is a ValueError
+        out.append(f"method {name!r}, setting {s.id!r}: hparams do not parse: {exc}")
+    lengths = s.lengths
+    if not (isinstance(lengths, tuple) and lengths and
+            all(isinstance(n, int) and 1 <= n <= max_len for n in lengths)
+            and max(lengths) >= 2):
+        out.append(f"method {name!r}, setting {s.id!r}: lengths must be a tuple of ints in "
+                   f"[1, {max_len}] with one >= 2 (a user with history), got {lengths!r}")
+    return out
 
 
 def method_names() -> list[str]:

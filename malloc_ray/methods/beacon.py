@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from malloc_ray.methods.base import LayerMemory, register
+from malloc_ray.methods.base import LayerMemory, TestSetting, register
 from malloc_ray.methods.native import HSTUAttention, pair_macs, token_macs
 from malloc_ray.model.hstu import merge_heads, pointwise_attention, split_heads, visibility
 
@@ -82,6 +82,15 @@ class Beacon(HSTUAttention):
 
     name = "beacon"
     category = "token-merge"
+    # The default window (128 tokens) is longer than any test sequence (<= 79 tokens), so it
+    # would never condense. Windows of 6-8 tokens condense several times per history, into 4,
+    # 1 and 2 beacons. Targets sit at positions 2(l - 1) = 40, 14, 8, 6, 24, 32: several right
+    # after a window completes (W = 8: 40, 8, 24, 32; W = 6: 6, 24).
+    test_settings = (
+        TestSetting(id="w8r2", hparams={"window": 8, "ratio": 2}, lengths=(21, 8, 5, 4, 13, 17)),
+        TestSetting(id="w8r8", hparams={"window": 8, "ratio": 8}, lengths=(21, 8, 5, 4, 13, 17)),
+        TestSetting(id="w6r3", hparams={"window": 6, "ratio": 3}, lengths=(21, 8, 5, 4, 13, 17)),
+    )
 
     @dataclass(frozen=True)
     class Hparams:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from malloc_ray.methods.base import register
+from malloc_ray.methods.base import TestSetting, register
 from malloc_ray.methods.prune import INF, TokenPrune, check_int, most_recent
 
 
@@ -48,6 +48,13 @@ class H2O(TokenPrune):
     name = "h2o"
     Hparams = H2OHparams
     state_keys = ("score", "seen")  # running sum of |A| (fp32), queries that saw it (int32)
+    # Budgets below the 40 cached tokens of the longest users (the default 32 keeps nearly
+    # all): recent = budget // 2, no recent window (heavy hitters only), recent only.
+    test_settings = (
+        TestSetting(id="b8", hparams={"budget": 8}, lengths=(21, 8, 14, 21)),
+        TestSetting(id="b12r0", hparams={"budget": 12, "recent": 0}, lengths=(21, 8, 14, 21)),
+        TestSetting(id="b10r10", hparams={"budget": 10, "recent": 10}, lengths=(21, 8, 14, 21)),
+    )
 
     def priority(self, score, seen, pos, valid):
         heavy = score / seen.clamp(min=1)

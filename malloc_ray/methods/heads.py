@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from malloc_ray.errors import InputError
-from malloc_ray.methods.base import NoHparams, register
+from malloc_ray.methods.base import NoHparams, TestSetting, register
 from malloc_ray.methods.native import Native, pair_macs
 from malloc_ray.model.hstu import merge_heads, split_heads, visibility
 
@@ -54,6 +54,10 @@ class GQA(Native):
 
     name = "gqa"
     category = "head"
+    lossless = False  # fewer K,V heads (kv_heads = num_heads would be Native itself)
+    # The default 4 equals the tiny model's 4 heads (no sharing): 2 and 1 K,V heads.
+    test_settings = (TestSetting(id="kv2", hparams={"kv_heads": 2}, lengths=(19, 7, 12, 19, 4)),
+                     TestSetting(id="kv1", hparams={"kv_heads": 1}, lengths=(19, 7, 12, 19, 4)))
 
     @dataclass(frozen=True)
     class Hparams:
@@ -125,6 +129,7 @@ class MQA(GQA):
 
     name = "mqa"
     Hparams = NoHparams
+    test_settings = (TestSetting(id="kv1", hparams={}, lengths=(19, 7, 12, 19, 4)),)
 
     @classmethod
     def kv_heads_for(cls, cfg, hp) -> int:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from malloc_ray.methods import quant
-from malloc_ray.methods.base import register
+from malloc_ray.methods.base import TestSetting, register
 from malloc_ray.methods.kivi import KIVI
 
 
@@ -42,6 +42,14 @@ class IntactKV(KIVI):
                 raise ValueError(f"pivots must be an int >= 0, got {self.pivots!r}")
 
     key_groups_along_tokens = False  # per-token keys: every token is quantized on its own
+    # Every token but the pivots is quantized whatever the length; groups smaller than
+    # d = 32 give several scales per token (8: even, 5: a short last group, 4-bit).
+    test_settings = (
+        TestSetting(id="g8p2", hparams={"group_size": 8, "pivots": 2},
+                    lengths=(21, 8, 14, 1, 21, 3)),
+        TestSetting(id="b4g5p1", hparams={"bits": 4, "group_size": 5, "pivots": 1},
+                    lengths=(21, 8, 14, 1, 21, 3)),
+    )
 
     @classmethod
     def layout(cls, hp):

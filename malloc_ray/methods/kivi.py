@@ -32,7 +32,7 @@ from typing import ClassVar
 import torch
 
 from malloc_ray.methods import quant
-from malloc_ray.methods.base import LayerMemory, register
+from malloc_ray.methods.base import LayerMemory, TestSetting, register
 from malloc_ray.methods.native import Native
 from malloc_ray.model.hstu import merge_heads, split_heads
 
@@ -61,6 +61,20 @@ class KIVI(Native):
     name = "kivi"
     category = "precision"
     workflow = "post-hoc"
+    lossless = False  # Native's subclass, but 2-bit K,V change the scores
+    # Defaults (groups and residual of 32) quantize nothing below 64 cached tokens. Groups of
+    # 4 tokens quantize most of a test history: without a residual window (the trailing
+    # partial key group stays fp32, values too), with one, and 4-bit codes over groups of 3
+    # (a short last value group, as d = 32 is not a multiple of 3). Lengths: left padding, a
+    # user with no history (1) and one shorter than a group (3).
+    test_settings = (
+        TestSetting(id="g4r0", hparams={"group_size": 4, "residual_length": 0},
+                    lengths=(21, 8, 14, 1, 21, 3)),
+        TestSetting(id="g4r4", hparams={"group_size": 4, "residual_length": 4},
+                    lengths=(21, 8, 14, 1, 21, 3)),
+        TestSetting(id="b4g3r5", hparams={"bits": 4, "group_size": 3, "residual_length": 5},
+                    lengths=(21, 8, 14, 1, 21, 3)),
+    )
 
     @dataclass(frozen=True)
     class Hparams:

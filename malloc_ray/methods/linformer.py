@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from malloc_ray.methods.base import Method, register
+from malloc_ray.methods.base import Method, TestSetting, register
 from malloc_ray.methods.native import pair_macs, token_macs
 from malloc_ray.model.hstu import HSTUConfig, merge_heads, split_heads
 
@@ -49,6 +49,8 @@ class Linformer(Method):
     name = "linformer"
     category = "sequence"
     recompute = True
+    # 7 slots for up to 61 tokens (the default 25 is close to short test sequences).
+    test_settings = (TestSetting(id="k7", hparams={"k": 7}, lengths=(31, 8, 14, 21)),)
 
     @dataclass(frozen=True)
     class Hparams:

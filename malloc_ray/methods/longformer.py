@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from malloc_ray.methods.base import register
+from malloc_ray.methods.base import TestSetting, register
 from malloc_ray.methods.native import HSTUAttention, pair_macs, token_macs
 from malloc_ray.model.hstu import merge_heads, pointwise_attention, relative_bucket, visibility
 
@@ -75,6 +75,9 @@ class Longformer(HSTUAttention):
     name = "longformer"
     category = "token-merge"
     recompute = True
+    # The default window (64) covers nearly every test sequence; 5 is a real band over up to
+    # 61 tokens (several chunks).
+    test_settings = (TestSetting(id="w5", hparams={"window": 5}, lengths=(31, 8, 14, 21)),)
 
     @dataclass(frozen=True)
     class Hparams:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from malloc_ray.methods.base import LayerMemory, Method, register
+from malloc_ray.methods.base import LayerMemory, Method, TestSetting, register
 from malloc_ray.methods.heads import grouped_attention
 from malloc_ray.model.hstu import (RelativeBias, merge_heads, pointwise_attention, split_heads,
                                    visibility)
@@ -47,6 +47,8 @@ class MLA(Method):
 
     name = "mla"
     category = "head"
+    # The default rank 64 is clipped to d = 32 on the tiny model; 8 is a real low rank.
+    test_settings = (TestSetting(id="r8", hparams={"kv_rank": 8}, lengths=(19, 7, 12, 19, 4)),)
 
     @dataclass(frozen=True)
     class Hparams:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from malloc_ray.methods.base import LayerMemory, Method, register
+from malloc_ray.methods.base import LayerMemory, Method, TestSetting, register
 from malloc_ray.model.hstu import (HSTUConfig, RelativeBias, merge_heads, pointwise_attention,
                                    split_heads, visibility)
 
@@ -66,6 +66,9 @@ class HSTUAttention(Method):
 class Native(HSTUAttention):
     name = "native"
     category = "none"
+    lossless = True  # it is the reference
+    # Nothing to compress; ragged lengths so the cache holds left-padded users of all sizes.
+    test_settings = (TestSetting(id="ragged", hparams={}, lengths=(23, 9, 5, 17, 23, 12)),)
 
     def prefill(self, x, pos, valid):
         u, q, k, v = self.project(x)

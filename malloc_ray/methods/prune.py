@@ -98,6 +98,7 @@ class TokenPrune(Native):
 
     category = "token-prune"
     workflow = "post-hoc"
+    lossless = False  # Native's subclass, but a pruned memory changes the target's score
     state_keys: tuple[str, ...] = ()  # extra per-token metadata a method carries (H2O: scores)
 
     # -- what a method defines ------------------------------------------------------------

@@ -7,7 +7,7 @@ layer. Its scores must equal Native's cached ones; its cost is the full quadrati
 
 from __future__ import annotations
 
-from malloc_ray.methods.base import register
+from malloc_ray.methods.base import TestSetting, register
 from malloc_ray.methods.native import HSTUAttention, pair_macs, token_macs
 
 
@@ -16,6 +16,8 @@ class WoMem(HSTUAttention):
     name = "wo_mem"
     category = "none"
     recompute = True
+    lossless = True  # Native's layer, recomputed: the same sums
+    test_settings = (TestSetting(id="ragged", hparams={}, lengths=(23, 9, 5, 17, 23, 12)),)
 
     @classmethod
     def macs(cls, cfg, hp, n_cached, q=1):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from malloc_ray.methods.base import Method, register
+from malloc_ray.methods.base import Method, TestSetting, register
 from malloc_ray.methods.longformer import previous_chunks, target_rows
 from malloc_ray.model.hstu import (HSTUConfig, RelativeBias, merge_heads, relative_bucket,
                                    split_heads)
@@ -75,6 +75,11 @@ class Reformer(Method):
     name = "reformer"
     category = "sequence"
     recompute = True
+    # The default bucket_size 64 gives 2 max_len / 64 -> 1 bucket on the tiny model (no
+    # hashing); 4 buckets cut into chunks of 3, over 2 rounds.
+    test_settings = (TestSetting(id="b3n4h2", hparams={"bucket_size": 3, "n_buckets": 4,
+                                                       "n_hashes": 2},
+                                 lengths=(31, 8, 14, 21)),)
 
     @dataclass(frozen=True)
     class Hparams:

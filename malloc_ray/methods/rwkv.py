@@ -25,7 +25,7 @@ import math
 import torch
 from torch import nn
 
-from malloc_ray.methods.base import LayerMemory, Method, register
+from malloc_ray.methods.base import LayerMemory, Method, TestSetting, register
 
 NEG = -1e30  # "exp of this is 0": the empty state's pp, and masked exponents (finite: no NaN)
 
@@ -56,6 +56,9 @@ class RWKV(Method):
     name = "rwkv"
     category = "architecture"
     chunk = 16  # forward's chunk: memory B·N·chunk·D, N/chunk steps; not a model hparam
+    # No hyperparameters: the state is 4 vectors at any length. 21 interactions make 41
+    # tokens, so forward crosses two chunk boundaries.
+    test_settings = (TestSetting(id="v4", hparams={}, lengths=(21, 8, 5, 4, 13, 17)),)
 
     def __init__(self, cfg, hp=None):
         super().__init__(cfg, hp)

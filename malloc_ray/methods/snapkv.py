@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from malloc_ray.methods.base import register
+from malloc_ray.methods.base import TestSetting, register
 from malloc_ray.methods.prune import INF, TokenPrune, check_int
 
 
@@ -75,6 +75,15 @@ class SnapKV(TokenPrune):
 
     name = "snapkv"
     Hparams = SnapKVHparams
+    # Budgets below the 40 cached tokens of the longest users: the window fills the budget,
+    # raw scores (kernel 1), and a wide smoothing kernel over a short window.
+    test_settings = (
+        TestSetting(id="b8w8", hparams={"budget": 8, "window": 8}, lengths=(21, 8, 14, 21)),
+        TestSetting(id="b12w3k1", hparams={"budget": 12, "window": 3, "kernel": 1},
+                    lengths=(21, 8, 14, 21)),
+        TestSetting(id="b16w2k7", hparams={"budget": 16, "window": 2, "kernel": 7},
+                    lengths=(21, 8, 14, 21)),
+    )
 
     def prefill_priority(self, w, mask, pos, valid):
         return window_scores(w, self.hp.window, self.hp.kernel), {}
