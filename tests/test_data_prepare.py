@@ -44,7 +44,8 @@ def test_split_protocol_and_order(tmp_path):
     assert samples[samples["user"] == 0]["split"].tolist() == ["valid", "test"]  # n = 3
     assert meta["splits"] == {"train": 2, "valid": 2, "test": 2}
     assert meta["stats"] == {"users": 2, "items": 8, "interactions": 8, "max_length": 5,
-                             "avg_length": 4.0, "positive_rate": 0.5}
+                             "avg_length": 4.0, "positive_rate": 0.5,
+                             "label_stream_auc": None}  # both valid targets are positives
     assert meta["vocab_size"] == 9 and meta["dropped_users"] == 0
     assert read_meta(tmp_path / "ds") == meta
 

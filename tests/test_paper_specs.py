@@ -45,7 +45,7 @@ WRITERS = {
                                                                     max_len=1500)),
     "microvideo_x1": lambda out: write_microvideo_x1(out, paper_truth("microvideo", 6,
                                                                       max_len=1500)),
-    "amazon_x1": lambda out: write_amazon_x1(out, amazon_reviews(30, mean=80)),
+    "amazon_x1": lambda out: write_amazon_x1(out, amazon_reviews(30, mean=150)),
 }
 
 

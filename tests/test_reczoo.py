@@ -1,6 +1,7 @@
 """reczoo x1/x2 readers: sequences rebuilt from fixtures in the exact formats, the real tiny
 samples, bad rows named by file and line, and Table 1 from `data stats`."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -33,6 +34,23 @@ def rebuilt(log) -> dict[int, tuple[list[int], list[int]]]:
             for u, a, b in zip(seqs.raw_users, off[:-1], off[1:])}
 
 
+def interleaved(log):
+    """The log with its candidate-only rows put into the history, in their sort order (the
+    old, leaking Amazon construction r0, n1, r1, ...)."""
+    return dataclasses.replace(log, candidate=None)
+
+
+def candidates_by_user(log) -> dict[int, list[tuple[int, int, int]]]:
+    """Per raw user: (prefix_len, raw item, label) of each candidate-only row."""
+    seqs = build_sequences(log)
+    c = seqs.candidates
+    out: dict[int, list[tuple[int, int, int]]] = {}
+    for u, p, i, y in zip(c["user"], c["prefix_len"], c["item"], c["label"]):
+        out.setdefault(int(seqs.raw_users[u]), []).append(
+            (int(p), int(seqs.raw_items[i - 1]), int(y)))
+    return out
+
+
 # ---------------------------------------------------------------- rebuilt sequences
 
 @pytest.mark.parametrize("profile", sorted(X1))
@@ -49,9 +67,17 @@ def test_x1_rows_rebuild_each_users_full_sequence(tmp_path, profile):
 
 
 def test_amazon_x1_rebuilds_reviews_and_negatives_from_histories(tmp_path):
-    truth = write_amazon_x1(tmp_path / "amz", amazon_reviews(40, seed=2), seed=2)
+    reviews = amazon_reviews(40, seed=2)
+    truth = write_amazon_x1(tmp_path / "amz", reviews, seed=2)
     log = read_amazon_x1(tmp_path / "amz")
-    assert rebuilt(log) == truth.by_user()
+    assert rebuilt(interleaved(log)) == truth.by_user()  # rows placed as DIN's histories say
+    # the history is the reviews; every negative is a candidate beside review i, at prefix i
+    assert rebuilt(log) == {u: (r, [1] * len(r)) for u, r in reviews.items()}
+    want = {}
+    for u, (items, labels) in truth.by_user().items():
+        prefix = np.cumsum(labels) - np.asarray(labels)  # reviews before each row
+        want[u] = [(int(p), i, 0) for p, i, y in zip(prefix, items, labels) if y == 0]
+    assert candidates_by_user(log) == want
     # a user with n reviews: 2(n-1) rows in the files, 2n-1 interactions rebuilt
     rows = sum(len((tmp_path / "amz" / f).read_text().splitlines()) - 1
                for f in ("train.csv", "test.csv"))
@@ -119,9 +145,8 @@ def test_real_din_amazon_sample_round_trips_through_amazon_x1(tmp_path):
     cats = dict(zip(cols["item_id"].tolist(), cols["cate_id"].tolist()))
     truth = write_amazon_x1(tmp_path / "din", reviews, categories=cats)
     log = read_amazon_x1(tmp_path / "din")
-    got = rebuilt(log)
-    assert got == truth.by_user()
-    assert {u: [i for i, y in zip(*got[u]) if y] for u in got} == reviews
+    assert rebuilt(interleaved(log)) == truth.by_user()
+    assert rebuilt(log) == {u: (r, [1] * len(r)) for u, r in reviews.items()}
 
 
 # ---------------------------------------------------------------- bad rows

@@ -64,6 +64,16 @@ def _prepare_parser(sub) -> None:
     ml.add_argument("--rating-threshold", type=float, dest="rating_threshold", default=4.0)
     _common(ml)
     ml.set_defaults(func=_cmd_prepare, options=("path", "rating_threshold"))
+
+    seq = sources.add_parser("sequences", help="item-sequence file, one user per line: "
+                                               "'user item_1 ... item_n' (S3-Rec/ICLRec)")
+    seq.add_argument("path", metavar="FILE")
+    seq.add_argument("--negatives", type=int, default=1,
+                     help="sampled negatives per positive, scored as candidates that never "
+                          "enter the history (default: %(default)s)")
+    seq.add_argument("--seed", type=int, default=0, help="seed of the negative sampling")
+    _common(seq)
+    seq.set_defaults(func=_cmd_prepare, options=("path", "negatives", "seed"))
     _reczoo_parsers(sources)
 
 
@@ -98,6 +108,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drop-short-users", action="store_true", dest="drop_short_users",
                    help="drop users with fewer than 3 interactions instead of failing")
     p.add_argument("--name", help="dataset name (default: profile, file or directory name)")
+    p.add_argument("--strict", action="store_true",
+                   help="fail (write nothing) when the label stream alone predicts the valid "
+                        "targets (label_stream_auc > 0.60) instead of warning")
 
 
 def _cmd_prepare(args) -> int:
@@ -107,7 +120,7 @@ def _cmd_prepare(args) -> int:
     meta = prep.prepare(args.source, args.out, overwrite=args.overwrite,
                         max_seq_len=args.max_seq_len, drop_short_users=args.drop_short_users,
                         name=args.name, progress=lambda msg: print(msg, file=sys.stderr),
-                        **options)
+                        strict=args.strict, **options)
     print(json.dumps({"name": meta["name"], "dataset_id": meta["dataset_id"],
                       **meta["stats"], "splits": meta["splits"],
                       "dropped_users": meta["dropped_users"]}, indent=2))

@@ -1,7 +1,9 @@
 """Dataset dir -> padded torch batches, from plain Python or from Ray Data.
 
 A sample (user u, prefix_len p) becomes the window of u's interactions
-[max(0, p - max_len + 1), p]: the history followed by the target in the LAST column.
+[max(0, p - max_len + 1), p]: the history followed by the target in the LAST column. A sample
+that names its candidate (datasets with a `candidate` column, docs/data.md) puts that item and
+its label in the last column instead, so a negative never enters anybody's history.
 Rows are left-padded with item 0 / label 0 to the batch's longest window. Both iterators share
 `collate`, so they produce identical batches for the same samples in the same order.
 """
@@ -40,7 +42,19 @@ class Dataset:
     path: Path
     meta: dict
     arrays: UserArrays
-    samples: pd.DataFrame  # user, prefix_len, split, user_len; sorted by (user, prefix_len)
+    samples: pd.DataFrame  # user, prefix_len, split, user_len[, candidate, label]; by user, prefix
+
+    @property
+    def has_candidates(self) -> bool:
+        """Samples name their candidate item and label (negatives outside the history)."""
+        return "candidate" in self.samples.columns
+
+    def targets(self, rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """(item, label) each selected sample row scores."""
+        if "candidate" in rows:
+            return rows["candidate"].to_numpy(), rows["label"].to_numpy()
+        at = self.offsets[rows["user"].to_numpy()] + rows["prefix_len"].to_numpy()
+        return self.items[at], self.labels[at]
 
     @property
     def offsets(self) -> np.ndarray:
@@ -74,6 +88,10 @@ def load_dataset(directory: str | Path) -> Dataset:
         raise InputError(f"item ids outside 1..{meta['vocab_size'] - 1}", file=str(users_file),
                          key="items")
     samples = pq.read_table(path / "samples.parquet").to_pandas()
+    if "candidate" in samples and len(samples) and not (
+            0 < samples["candidate"].min() and samples["candidate"].max() < meta["vocab_size"]):
+        raise InputError(f"candidate ids outside 1..{meta['vocab_size'] - 1}",
+                         file=str(path / "samples.parquet"), key="candidate")
     return Dataset(path=path, meta=meta, arrays=arrays, samples=samples)
 
 
@@ -86,7 +104,7 @@ def select_samples(ds: Dataset, split: str, max_len: int,
     user's training part back from its last train target and every train interaction is in
     exactly one window (the model puts a loss on every position).
     """
-    _check_args(split, max_len, loss_positions)
+    _check_args(split, max_len, loss_positions, ds)
     s = ds.samples
     keep = _selection_mask(s["split"].to_numpy(), s["prefix_len"].to_numpy(),
                            s["user_len"].to_numpy(), split, max_len, loss_positions)
@@ -106,17 +124,26 @@ def _select_rows(batch: dict[str, np.ndarray], split: str, max_len: int,
     """Ray map_batches form of `select_samples` (same rule, on a numpy batch)."""
     keep = _selection_mask(batch["split"].astype(str), batch["prefix_len"], batch["user_len"],
                            split, max_len, loss_positions)
-    return {"user": batch["user"][keep], "prefix_len": batch["prefix_len"][keep]}
+    return {k: batch[k][keep] for k in _SAMPLE_COLUMNS if k in batch}
 
 
-def collate(data: Dataset | UserArrays, user_ids, prefix_lens, max_len: int
-            ) -> dict[str, torch.Tensor]:
-    """Windows for (user, prefix_len) pairs as a left-padded batch of int64 tensors."""
+# What a selected sample row carries into `collate`; candidate and label only where named.
+_SAMPLE_COLUMNS = ("user", "prefix_len", "candidate", "label")
+
+
+def collate(data: Dataset | UserArrays, user_ids, prefix_lens, max_len: int,
+            candidates=None, labels=None) -> dict[str, torch.Tensor]:
+    """Windows for (user, prefix_len) pairs as a left-padded batch of int64 tensors.
+
+    With `candidates` (and their `labels`), the last column holds them instead of the
+    interaction at prefix_len, which may then be the user's length (a candidate after the
+    whole history)."""
     arrays = data.arrays if isinstance(data, Dataset) else data
     user = np.array(user_ids, dtype=np.int64)  # a copy: Ray hands read-only arrays
     prefix = np.asarray(prefix_lens, dtype=np.int64)
     user_len = arrays.offsets[user + 1] - arrays.offsets[user]
-    if np.any((prefix < 0) | (prefix >= user_len)):
+    last_ok = prefix <= user_len if candidates is not None else prefix < user_len
+    if np.any((prefix < 0) | ~last_ok):
         raise ValueError("prefix_len outside its user's sequence")  # would read another user
     start = np.maximum(prefix - max_len + 1, 0)
     lengths = prefix - start + 1
@@ -124,12 +151,25 @@ def collate(data: Dataset | UserArrays, user_ids, prefix_lens, max_len: int
     col = np.arange(width)[None, :] - (width - lengths)[:, None]  # index inside the window
     real = col >= 0
     flat = np.where(real, arrays.offsets[user][:, None] + start[:, None] + col, 0)
+    flat = np.minimum(flat, max(len(arrays.items) - 1, 0))  # a candidate's slot: set below
+    items = np.where(real, arrays.items[flat], 0).astype(np.int64)
+    window_labels = np.where(real, arrays.labels[flat], 0).astype(np.int64)
+    if candidates is not None and width:
+        items[:, -1] = np.asarray(candidates, dtype=np.int64)
+        window_labels[:, -1] = np.asarray(labels, dtype=np.int64)
     return {
-        "items": torch.from_numpy(np.where(real, arrays.items[flat], 0).astype(np.int64)),
-        "labels": torch.from_numpy(np.where(real, arrays.labels[flat], 0).astype(np.int64)),
+        "items": torch.from_numpy(items),
+        "labels": torch.from_numpy(window_labels),
         "lengths": torch.from_numpy(lengths),
         "user": torch.from_numpy(user),
     }
+
+
+def collate_rows(arrays: UserArrays, rows, max_len: int) -> dict[str, torch.Tensor]:
+    """`collate` for selected sample rows (a DataFrame or a dict of arrays)."""
+    named = "candidate" in rows
+    return collate(arrays, rows["user"], rows["prefix_len"], max_len,
+                   rows["candidate"] if named else None, rows["label"] if named else None)
 
 
 def local_batches(ds: Dataset, split: str, batch_size: int, max_len: int,
@@ -137,12 +177,12 @@ def local_batches(ds: Dataset, split: str, batch_size: int, max_len: int,
                   drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Batches in plain Python (tests, small runs); shuffled with a seeded permutation."""
     rows = select_samples(ds, split, max_len, loss_positions)
-    user, prefix = rows["user"].to_numpy(), rows["prefix_len"].to_numpy()
+    columns = {k: rows[k].to_numpy() for k in _SAMPLE_COLUMNS if k in rows}
     order = np.random.default_rng(seed).permutation(len(rows)) if shuffle else np.arange(len(rows))
     stop = len(order) - len(order) % batch_size if drop_last else len(order)
     for lo in range(0, stop, batch_size):
         take = order[lo:lo + batch_size]
-        yield collate(ds.arrays, user[take], prefix[take], max_len)
+        yield collate_rows(ds.arrays, {k: v[take] for k, v in columns.items()}, max_len)
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
@@ -169,7 +209,7 @@ def ray_samples(ds: Dataset, split: str | None = None, max_len: int | None = Non
     if split is None:
         return ray.data.from_pandas(ds.samples)
     rows = select_samples(ds, split, max_len, loss_positions)
-    return ray.data.from_pandas(rows[["user", "prefix_len"]])
+    return ray.data.from_pandas(rows[[k for k in _SAMPLE_COLUMNS if k in rows]])
 
 
 def ray_batches(ds: Dataset, split: str, batch_size: int, max_len: int,
@@ -188,7 +228,7 @@ def ray_batches(ds: Dataset, split: str, batch_size: int, max_len: int,
     """
     import ray.data
 
-    _check_args(split, max_len, loss_positions)
+    _check_args(split, max_len, loss_positions, ds)
     ensure_ray()
     _quiet_and_ordered(ray.data.DataContext.get_current())
     if samples is None:
@@ -216,7 +256,7 @@ def _quiet_and_ordered(context) -> None:
     context.execution_options.preserve_order = True
 
 
-def _check_args(split: str, max_len: int, loss_positions: str) -> None:
+def _check_args(split: str, max_len: int, loss_positions: str, ds: Dataset) -> None:
     if split not in SPLITS:
         raise InputError(f"unknown split {split!r} (choose from {', '.join(SPLITS)})",
                          key="split")
@@ -226,6 +266,12 @@ def _check_args(split: str, max_len: int, loss_positions: str) -> None:
     if loss_positions not in LOSS_POSITIONS:
         raise InputError(f"loss_positions must be one of {', '.join(LOSS_POSITIONS)}, got "
                          f"{loss_positions!r}", key="loss_positions")
+    if ds.has_candidates and loss_positions == "all":
+        # The history holds interactions only (no negatives), so a loss on every position
+        # would train on positives alone.
+        raise InputError(f"dataset {ds.meta['name']!r} scores explicit candidates: only the "
+                         "last position of a window has a negative or positive to learn from; "
+                         "set loss_positions: last", key="loss_positions")
 
 
 @lru_cache(maxsize=1)
@@ -241,6 +287,6 @@ def _window_collate_class() -> type:
             self.arrays, self.max_len = arrays, max_len
 
         def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-            return collate(self.arrays, batch["user"], batch["prefix_len"], self.max_len)
+            return collate_rows(self.arrays, batch, self.max_len)
 
     return WindowCollate

@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -20,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from malloc_ray.data import audit
 from malloc_ray.data.sources import SOURCES, InteractionLog
 from malloc_ray.errors import InputError
 
@@ -32,6 +34,8 @@ SPLIT_PROTOCOL = (
     "test targets, the k before them valid targets, and every earlier one except the first a "
     "train target; each target is scored from all the user's earlier interactions.")
 STATS_KEYS = ("users", "items", "interactions", "max_length", "avg_length", "positive_rate")
+# written by every prepare; optional when reading, so older dataset dirs stay readable
+OPTIONAL_STATS_KEYS = ("label_stream_auc",)
 META_KEYS = ("format_version", "dataset_id", "name", "source", "stats", "vocab_size", "splits",
              "split_protocol", "dropped_users")
 
@@ -40,7 +44,11 @@ Progress = Callable[[str], None]
 
 @dataclass
 class Sequences:
-    """Users' chronological sequences, flat; user u owns [offsets[u], offsets[u+1])."""
+    """Users' chronological sequences, flat; user u owns [offsets[u], offsets[u+1]).
+
+    `candidates` (dense ids) holds the rows scored as candidates only (InteractionLog.candidate):
+    user, prefix_len (history interactions before it), item, label; None when there are none.
+    """
 
     raw_users: np.ndarray  # int64, index = dense user id
     raw_items: np.ndarray  # int64, index = dense item id - 1
@@ -49,14 +57,17 @@ class Sequences:
     labels: np.ndarray  # int8
     ts: np.ndarray  # int64
     dropped_users: int
+    candidates: dict[str, np.ndarray] | None = None
 
 
 def prepare(source: str, out: str | Path, *, overwrite: bool = False,
             max_seq_len: int | None = None, drop_short_users: bool = False,
-            name: str | None = None, progress: Progress | None = None, **options) -> dict:
+            name: str | None = None, progress: Progress | None = None, strict: bool = False,
+            **options) -> dict:
     """Read `source` (a key of SOURCES) with `options` and write the dataset dir `out`.
 
-    Returns the meta dict written to meta.json.
+    Returns the meta dict written to meta.json. `strict`: a label stream that predicts the
+    targets (audit.WARN_ABOVE) is an error instead of a warning, and nothing is written.
     """
     say = progress or (lambda _msg: None)
     if source not in SOURCES:
@@ -78,22 +89,30 @@ def prepare(source: str, out: str | Path, *, overwrite: bool = False,
                     else path.name if path.is_dir() else path.stem)
     return write_dataset(log, out, name=name or default_name, source=recorded,
                          overwrite=overwrite, max_seq_len=max_seq_len,
-                         drop_short_users=drop_short_users, progress=say)
+                         drop_short_users=drop_short_users, progress=say, strict=strict)
 
 
 def write_dataset(log: InteractionLog, out: str | Path, *, name: str, source: dict,
                   overwrite: bool = False, max_seq_len: int | None = None,
-                  drop_short_users: bool = False, progress: Progress | None = None) -> dict:
-    """Sort, truncate, split and atomically write `log` as a dataset dir; returns meta."""
+                  drop_short_users: bool = False, progress: Progress | None = None,
+                  strict: bool = False) -> dict:
+    """Sort, truncate, split, audit and atomically write `log` as a dataset dir; returns meta."""
     say = progress or (lambda _msg: None)
     out = Path(out)
     _check_target(out, overwrite)
     seqs = build_sequences(log, max_seq_len=max_seq_len, drop_short_users=drop_short_users)
-    samples = build_samples(seqs.lengths)
+    samples = build_samples(seqs.lengths, seqs.candidates, seqs)
     say(f"{len(seqs.lengths):,} users, {len(seqs.items):,} interactions, "
         f"{len(seqs.raw_items):,} items, {len(samples['user']):,} samples"
         + (f" ({seqs.dropped_users:,} short users dropped)" if seqs.dropped_users else ""))
     meta = _meta(seqs, samples, name, source)
+    leak = audit.leak_message(name, meta["stats"]["label_stream_auc"])
+    if leak and strict:
+        raise InputError(f"{leak}; refusing to write it (--strict)", file=str(out))
+    if leak and progress is not None:
+        say(f"warning: {leak}")
+    elif leak:  # called from Python without a progress callback: still seen
+        warnings.warn(leak, stacklevel=2)
     say(f"writing {out} (dataset_id {meta['dataset_id']})")
     _atomic_write(out, overwrite, lambda tmp: _write_files(tmp, seqs, samples, meta))
     return meta
@@ -101,37 +120,56 @@ def write_dataset(log: InteractionLog, out: str | Path, *, name: str, source: di
 
 def build_sequences(log: InteractionLog, *, max_seq_len: int | None = None,
                     drop_short_users: bool = False) -> Sequences:
-    """Dense ids, per-user chronological order (ties keep file order), most recent max_seq_len."""
+    """Dense ids, per-user chronological order (ties keep file order), most recent max_seq_len.
+
+    Candidate-only rows never count as interactions: they become `Sequences.candidates` at the
+    prefix of the history rows sorted before them, and are dropped when that prefix is cut
+    away by max_seq_len (or is empty)."""
     if max_seq_len is not None and max_seq_len < MIN_INTERACTIONS:
         raise InputError(f"max_seq_len must be >= {MIN_INTERACTIONS}, got {max_seq_len}",
                          key="max_seq_len")
+    cand = (np.zeros(len(log), dtype=bool) if log.candidate is None
+            else np.asarray(log.candidate, dtype=bool))
     raw_users, uidx = np.unique(log.user, return_inverse=True)
-    counts = np.bincount(uidx, minlength=len(raw_users))
+    counts = np.bincount(uidx[~cand], minlength=len(raw_users))
     short = counts < MIN_INTERACTIONS
     if short.any() and not drop_short_users:
-        _raise_short_user(log, uidx, raw_users, counts, short)
+        _raise_short_user(log, uidx, raw_users, counts, short, cand)
     key = log.ts if log.sort_key is None else log.sort_key
     order = np.lexsort((np.arange(len(uidx)), key, uidx))
     order = order[~short[uidx[order]]]
-    if len(order) == 0:
+    if not (~cand[order]).any():
         raise InputError(f"no user has at least {MIN_INTERACTIONS} interactions", file=log.file)
-    user = uidx[order]
+    user, is_cand = uidx[order], cand[order]
+    # prefix of every row: history rows of its user sorted before it
+    hist_before = np.cumsum(~is_cand) - (~is_cand)
+    prefix = hist_before - hist_before[np.searchsorted(user, user, side="left")]
+    cut = np.zeros(len(raw_users), dtype=np.int64)  # history rows cut from each user's front
     if max_seq_len is not None:
-        # Rows are grouped by user, so position-from-the-end is count - 1 - rank in group.
-        starts = np.searchsorted(user, user, side="left")
-        from_end = counts[user] - 1 - (np.arange(len(user)) - starts)
-        order, user = order[from_end < max_seq_len], user[from_end < max_seq_len]
+        cut = np.maximum(counts - max_seq_len, 0)
+    prefix = prefix - cut[user]
+    keep = np.where(is_cand, prefix >= 1, prefix >= 0)
+    order, user, is_cand, prefix = order[keep], user[keep], is_cand[keep], prefix[keep]
     kept_users, user = np.unique(user, return_inverse=True)
     raw_items, item = np.unique(log.item[order], return_inverse=True)
+    item = (item + 1).astype(np.int32)
+    hist = ~is_cand
+    candidates = None
+    if is_cand.any():
+        candidates = {"user": user[is_cand].astype(np.int64),
+                      "prefix_len": prefix[is_cand].astype(np.int32),
+                      "item": item[is_cand], "label": log.label[order][is_cand].astype(np.int8)}
     return Sequences(raw_users=raw_users[kept_users], raw_items=raw_items,
-                     lengths=np.bincount(user, minlength=len(kept_users)).astype(np.int64),
-                     items=(item + 1).astype(np.int32), labels=log.label[order].astype(np.int8),
-                     ts=log.ts[order].astype(np.int64), dropped_users=int(short.sum()))
+                     lengths=np.bincount(user[hist], minlength=len(kept_users)).astype(np.int64),
+                     items=item[hist], labels=log.label[order][hist].astype(np.int8),
+                     ts=log.ts[order][hist].astype(np.int64), dropped_users=int(short.sum()),
+                     candidates=candidates)
 
 
 def _raise_short_user(log: InteractionLog, uidx: np.ndarray, raw_users: np.ndarray,
-                      counts: np.ndarray, short: np.ndarray) -> None:
-    first_row = np.flatnonzero(short[uidx])[0]  # file order: the first short user met
+                      counts: np.ndarray, short: np.ndarray, cand: np.ndarray) -> None:
+    rows = np.flatnonzero(short[uidx] & ~cand)  # file order: the first short user met
+    first_row = (rows if len(rows) else np.flatnonzero(short[uidx]))[0]
     u = uidx[first_row]
     # A log read from several files knows which file and row each interaction came from.
     locate = getattr(log, "locate", None)
@@ -160,20 +198,41 @@ def last_train_prefix(lengths) -> np.ndarray:
     return lengths - 2 * eval_count(lengths) - 1
 
 
-def build_samples(lengths: np.ndarray) -> dict[str, np.ndarray]:
-    """One row per target: prefix_len 1..n-1 of each user, split by SPLIT_PROTOCOL."""
+def build_samples(lengths: np.ndarray, candidates: dict[str, np.ndarray] | None = None,
+                  seqs: Sequences | None = None) -> dict[str, np.ndarray]:
+    """One row per target: prefix_len 1..n-1 of each user, split by SPLIT_PROTOCOL.
+
+    With `candidates` (and `seqs`, whose interactions the positive rows name) every row names
+    its candidate and label explicitly: each interaction at prefix_len 1..n-1 is its own
+    candidate, and every candidate-only row is one more sample at its prefix_len (1..n)."""
     lengths = np.asarray(lengths, dtype=np.int64)
     per_user = lengths - 1
     user = np.repeat(np.arange(len(lengths), dtype=np.int64), per_user)
     first = np.repeat(np.cumsum(per_user) - per_user, per_user)
     prefix = np.arange(len(user), dtype=np.int64) - first + 1
+    out = {"user": user, "prefix_len": prefix}
+    if candidates is not None:
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        at = offsets[user] + prefix
+        out = {"user": np.concatenate([user, candidates["user"]]),
+               "prefix_len": np.concatenate([prefix, candidates["prefix_len"]]),
+               "candidate": np.concatenate([seqs.items[at], candidates["item"]]),
+               "label": np.concatenate([seqs.labels[at], candidates["label"]])}
+        # (user, prefix_len) order, the interaction itself before the other candidates
+        order = np.lexsort((np.arange(len(out["user"])), out["prefix_len"], out["user"]))
+        out = {k: v[order] for k, v in out.items()}
+    user, prefix = out["user"], out["prefix_len"].astype(np.int64)
     user_len = lengths[user]
     k = eval_count(user_len)
     split = np.zeros(len(user), dtype=np.int8)  # index into SPLITS
     split[prefix >= user_len - 2 * k] = 1
     split[prefix >= user_len - k] = 2
-    return {"user": user, "prefix_len": prefix.astype(np.int32), "split": split,
-            "user_len": user_len.astype(np.int32)}
+    out.update(prefix_len=prefix.astype(np.int32), split=split,
+               user_len=user_len.astype(np.int32))
+    if candidates is not None:
+        out["candidate"] = out["candidate"].astype(np.int32)
+        out["label"] = out["label"].astype(np.int8)
+    return out
 
 
 def dataset_id(seqs: Sequences, samples: dict[str, np.ndarray]) -> str:
@@ -185,6 +244,9 @@ def dataset_id(seqs: Sequences, samples: dict[str, np.ndarray]) -> str:
               "s.prefix_len": samples["prefix_len"].astype("<i4"),
               "s.split": samples["split"].astype("i1"),
               "s.user_len": samples["user_len"].astype("<i4")}
+    if "candidate" in samples:  # only then: ids of datasets without candidates are unchanged
+        arrays.update({"s.candidate": samples["candidate"].astype("<i4"),
+                       "s.label": samples["label"].astype("i1")})
     for key, arr in arrays.items():
         digest.update(f"{key}:{arr.dtype.str}:{len(arr)};".encode())
         digest.update(np.ascontiguousarray(arr).tobytes())
@@ -193,19 +255,25 @@ def dataset_id(seqs: Sequences, samples: dict[str, np.ndarray]) -> str:
 
 def _meta(seqs: Sequences, samples: dict[str, np.ndarray], name: str, source: dict) -> dict:
     split_counts = np.bincount(samples["split"], minlength=len(SPLITS))
+    # Scored targets: with candidates the history holds only interactions, so its labels
+    # would say nothing of the negatives.
+    targets = audit.target_labels(seqs.lengths, seqs.labels, samples)
     stats = {
         "users": int(len(seqs.lengths)),
         "items": int(len(seqs.raw_items)),
         "interactions": int(len(seqs.items)),
         "max_length": int(seqs.lengths.max()),
         "avg_length": round(float(seqs.lengths.mean()), 4),
-        "positive_rate": round(float(seqs.labels.mean()), 4),
+        "positive_rate": round(float((targets if "label" in samples else seqs.labels).mean()),
+                               4),
+        "label_stream_auc": audit.label_stream_auc(seqs.lengths, seqs.labels, samples, SPLITS),
     }
     return {"format_version": FORMAT_VERSION, "dataset_id": dataset_id(seqs, samples),
             "name": name, "source": source, "stats": stats,
             "vocab_size": int(len(seqs.raw_items)) + 1,
             "splits": {s: int(n) for s, n in zip(SPLITS, split_counts)},
-            "split_protocol": SPLIT_PROTOCOL, "dropped_users": seqs.dropped_users}
+            "split_protocol": SPLIT_PROTOCOL, "dropped_users": seqs.dropped_users,
+            "candidates": "candidate" in samples}
 
 
 def _write_files(target: Path, seqs: Sequences, samples: dict[str, np.ndarray],
@@ -223,10 +291,12 @@ def _write_files(target: Path, seqs: Sequences, samples: dict[str, np.ndarray],
     pq.write_table(pa.table({
         "item": pa.array(np.arange(1, len(seqs.raw_items) + 1, dtype=np.int32)),
         "raw_item": pa.array(seqs.raw_items.astype(str))}), target / "items.parquet")
-    pq.write_table(pa.table({
-        "user": pa.array(samples["user"]), "prefix_len": pa.array(samples["prefix_len"]),
-        "split": pa.array(np.array(SPLITS)[samples["split"]]),
-        "user_len": pa.array(samples["user_len"])}), target / "samples.parquet")
+    columns = {"user": pa.array(samples["user"]), "prefix_len": pa.array(samples["prefix_len"]),
+               "split": pa.array(np.array(SPLITS)[samples["split"]]),
+               "user_len": pa.array(samples["user_len"])}
+    if "candidate" in samples:
+        columns.update(candidate=pa.array(samples["candidate"]), label=pa.array(samples["label"]))
+    pq.write_table(pa.table(columns), target / "samples.parquet")
     (target / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -313,18 +383,21 @@ def read_meta(directory: str | Path) -> dict:
 
 
 def dataset_stats(directory: str | Path) -> dict:
-    """The dataset's Table 1 row: name, dataset_id and STATS_KEYS."""
+    """The dataset's Table 1 row: name, dataset_id, STATS_KEYS and the label-stream audit
+    (None for a dataset prepared before the audit existed)."""
     meta = read_meta(directory)
     return {"name": meta["name"], "dataset_id": meta["dataset_id"],
-            **{k: meta["stats"][k] for k in STATS_KEYS}}
+            **{k: meta["stats"][k] for k in STATS_KEYS},
+            **{k: meta["stats"].get(k) for k in OPTIONAL_STATS_KEYS}}
 
 
 def format_stats(rows: list[dict]) -> str:
     """Rows of `dataset_stats` as a plain-text table laid out like the paper's Table 1."""
     header = ["Dataset", "Users", "Items", "Interactions", "Max length", "Avg length",
-              "Positive rate"]
+              "Positive rate", "Label-stream AUC"]
     body = [[r["name"], f"{r['users']:,}", f"{r['items']:,}", f"{r['interactions']:,}",
-             f"{r['max_length']:,}", f"{r['avg_length']:.2f}", f"{r['positive_rate']:.2f}"]
+             f"{r['max_length']:,}", f"{r['avg_length']:.2f}", f"{r['positive_rate']:.2f}",
+             "n/a" if r.get("label_stream_auc") is None else f"{r['label_stream_auc']:.3f}"]
             for r in rows]
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
 

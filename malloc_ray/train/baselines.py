@@ -21,8 +21,7 @@ def train_item_counts(ds: Dataset) -> np.ndarray:
 def popularity_baseline(ds: Dataset, split: str = "test") -> dict[str, float]:
     """Score every target by its item's training popularity; AUC and GAUC on `split`."""
     rows = select_samples(ds, split, max_len=2)
-    target = ds.offsets[rows["user"].to_numpy()] + rows["prefix_len"].to_numpy()
-    scores = train_item_counts(ds)[ds.items[target]].astype(np.float64)
-    labels = ds.labels[target]
+    items, labels = ds.targets(rows)
+    scores = train_item_counts(ds)[items].astype(np.float64)
     return {"auc": auc(labels, scores), "gauc": gauc(labels, scores, rows["user"].to_numpy()),
             "n": int(len(rows))}

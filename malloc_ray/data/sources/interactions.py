@@ -34,6 +34,9 @@ class InteractionLog:
 
     `file` is the path shown in error messages; row i of the arrays is data row i + 1 there.
     `sort_key` orders interactions in time when timestamps have fractions (else None: use ts).
+    `candidate` marks rows that are scored as candidates only and never enter the history (a
+    negative shown beside the interaction that follows it, as DIN's negatives are); None: none.
+    Such a row is scored after every history row that sorts before it (docs/data.md).
     """
 
     user: np.ndarray  # int64
@@ -42,6 +45,7 @@ class InteractionLog:
     ts: np.ndarray  # int64
     file: str | None = None
     sort_key: np.ndarray | None = None
+    candidate: np.ndarray | None = None  # bool
 
     def __len__(self) -> int:
         return len(self.user)

@@ -110,15 +110,16 @@ def read_microvideo_x1(path: str | Path, *, files: list[str] | tuple[str, ...] =
 
 def read_amazon_x1(path: str | Path, *, files: list[str] | tuple[str, ...] = X1_FILES,
                    progress: Progress | None = None) -> SourceLog:
-    """AmazonElectronics_x1 (DIN's rows, shuffled, no timestamp), rebuilt per user as
-
-        r0, n1, r1, n2, r2, ..., n_k, r_k
+    """AmazonElectronics_x1 (DIN's rows, shuffled, no timestamp), rebuilt per user as the
+    history r0, r1, ..., r_k plus candidate-only negatives:
 
     r = the user's reviews (label 1): the longest `item_history` among the user's rows plus
     that row's item when it is a positive; n_i = the sampled negative row(s) whose history has
-    i reviews (label 0), placed just before r_i because its history ends at r_(i-1). Time is
-    the step i. Every positive row must agree with r (r_i == its item): a check that the rows
-    really share one history.
+    i reviews (label 0). A negative is a candidate that was shown and not clicked: it is scored
+    after r_0..r_(i-1), beside r_i, and never enters the history (interleaving it as
+    r0, n1, r1, n2, ... makes the label stream alternate, which HSTU reads off: docs/data.md,
+    "Label-stream audit"). Time is the step i. Every positive row must agree with r
+    (r_i == its item): a check that the rows really share one history.
     """
     found = _x1_files(path, files)
     rows, longest = _Rows(found), _Longest()
@@ -420,7 +421,8 @@ def _last_per_group(user: np.ndarray, *keys: np.ndarray) -> np.ndarray:
 
 
 def amazon_sequences(rows: SourceLog, longest: _Longest) -> SourceLog:
-    """Reviews (label 1) from the longest histories, negatives (label 0) from their rows.
+    """Reviews (label 1) from the longest histories, negatives (label 0, candidate-only) from
+    their rows.
 
     `rows` holds one entry per CSV row with `ts` = history length (the step)."""
     users, hlen, label, item, row, hist = longest.resolve()
@@ -443,6 +445,7 @@ def amazon_sequences(rows: SourceLog, longest: _Longest) -> SourceLog:
         ts=np.concatenate([step, rows.ts[neg]]),
         # a negative shown at step i comes before review r_i, whose history it shares
         sort_key=np.concatenate([2 * step + 1, 2 * rows.ts[neg]]),
+        candidate=np.concatenate([np.zeros(len(reviews), bool), np.ones(int(neg.sum()), bool)]),
         file=rows.file, parts=rows.parts,
         origin=np.concatenate([np.repeat(row, r_len), np.flatnonzero(neg)]))
 
