@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from malloc_ray.methods import REGISTRY
+from malloc_ray.study.provenance import PROTOCOL
+from malloc_ray.study.provenance import write as write_provenance
 from malloc_ray.study.results import build_table, write_table
 
 # (method, depth, seed) -> status for the planted failures
@@ -28,6 +30,8 @@ def fake_results(methods=("native", "wo_mem", "mqa", "gqa", "kivi"), depths=(1, 
                                 "valid_gauc": 0.58 + 0.02 * e, "valid_logloss": 0.68 - 0.01 * e,
                                 "seconds": 1.0} for e in range(epochs)]
                     failed = status != "ok"
+                    payload = 0 if cls.recompute else int(1000 * depth * rng.integers(1, 9))
+                    metadata = 0 if cls.recompute else int(100 * depth * rng.integers(1, 9))
                     out.append({
                         "trial_id": f"{ds}-{m}-{depth}-{s}", "dataset": ds,
                         "dataset_id": f"id-{ds}", "method": m, "category": cls.category,
@@ -39,10 +43,8 @@ def fake_results(methods=("native", "wo_mem", "mqa", "gqa", "kivi"), depths=(1, 
                         "logloss": None if failed else float(rng.uniform(0.6, 0.7)),
                         "best_epoch": None if failed else int(rng.integers(0, epochs)),
                         "epochs_run": 1 if failed else epochs,
-                        "kv_bytes_per_user": 0 if cls.recompute else int(1000 * depth
-                                                                         * rng.integers(1, 9)),
-                        "kv_bytes_per_user_with_metadata": 0 if cls.recompute
-                        else int(1100 * depth * rng.integers(1, 9)),
+                        "kv_bytes_per_user": payload + metadata,
+                        "kv_payload_bytes_per_user": payload,
                         "macs_per_request": int(1e6 * depth * (40 if cls.recompute else 2)),
                         "peak_memory_bytes": int(5e8), "train_seconds": 2.0,
                         "samples_per_second": 1000.0, "mlflow_run_id": f"run{len(out)}",
@@ -50,8 +52,25 @@ def fake_results(methods=("native", "wo_mem", "mqa", "gqa", "kivi"), depths=(1, 
     return out
 
 
-def write_fake_study(study_dir, **kwargs):
+# The first dataset carries the label-stream audit, the second was prepared before it existed.
+LABEL_STREAM_AUC = {"kuai": 0.6512}
+
+
+def fake_provenance(datasets) -> dict:
+    """study.json as a study writes it, reduced to what the report reads."""
+    stats = {"users": 300, "items": 90, "interactions": 9000, "max_length": 64,
+             "avg_length": 30.0, "positive_rate": 0.28}
+    return {"name": "fake", "protocol": PROTOCOL, "datasets": {
+        ds: {"dir": f"/data/{ds}", "dataset_id": f"id-{ds}",
+             "stats": {**stats, **({"label_stream_auc": LABEL_STREAM_AUC[ds]}
+                                   if ds in LABEL_STREAM_AUC else {})}}
+        for ds in datasets}}
+
+
+def write_fake_study(study_dir, provenance: bool = False, **kwargs):
     study_dir.mkdir(parents=True, exist_ok=True)
     table = build_table(fake_results(**kwargs))
     write_table(table, study_dir)
+    if provenance:
+        write_provenance(study_dir, fake_provenance(sorted(table["dataset"].unique())))
     return table

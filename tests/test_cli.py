@@ -47,7 +47,7 @@ def test_cost_paper_compat_reproduces_table3(profile, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert {r["method"] for r in printed} == set(rows)
     native = rows["native"]
-    assert native["bytes_per_user"] == 32 * 2 * (PAPER_L[profile] - 1) * 2 * 256 * 4
+    assert native["kv_payload_bytes_per_user"] == 32 * 2 * (PAPER_L[profile] - 1) * 2 * 256 * 4
 
 
 PAPER_L = {"kuaivideo": 1024, "amazon": 128}

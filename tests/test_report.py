@@ -15,7 +15,7 @@ from malloc_ray.errors import InputError
 from malloc_ray.report import build_report
 from malloc_ray.study import provenance
 from malloc_ray.study.tracking import default_tracking_uri, start_study_run
-from report_fixtures import FAILURES, write_fake_study
+from report_fixtures import FAILURES, LABEL_STREAM_AUC, write_fake_study
 
 SECTIONS = ("table2", "table3", "table4", "fig4", "pareto", "fig5", "convergence", "failures",
             "reproducibility")
@@ -24,7 +24,7 @@ SECTIONS = ("table2", "table3", "table4", "fig4", "pareto", "fig5", "convergence
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     study_dir = tmp_path_factory.mktemp("study") / "fake"
-    table = write_fake_study(study_dir)
+    table = write_fake_study(study_dir, provenance=True)
     return build_report(study_dir, log_to_mlflow=False, say=lambda _: None), table
 
 
@@ -43,6 +43,46 @@ def test_report_writes_html_figures_and_tables(report):
     assert "<link" not in page and 'src="http' not in page
     for anchor in SECTIONS:
         assert f'id="{anchor}"' in page
+
+
+def test_datasets_show_the_label_stream_audit_or_na(report):
+    rep, _ = report
+    raw = pd.read_csv(rep.directory / "tables" / "datasets.csv").set_index("dataset")
+    assert raw.loc["kuai", "label-stream AUC"] == pytest.approx(LABEL_STREAM_AUC["kuai"])
+    assert pd.isna(raw.loc["amazon", "label-stream AUC"])  # meta.json without the key
+    md = (rep.directory / "tables" / "datasets.md").read_text()
+    assert "| label-stream AUC |" in md.splitlines()[2]
+    assert "**0.6512**" in next(line for line in md.splitlines() if line.startswith("| kuai"))
+    assert "| n/a |" in next(line for line in md.splitlines() if line.startswith("| amazon"))
+    page = rep.html.read_text()
+    assert "label-stream AUC" in page and "n/a" in page
+    assert "sees only the previous labels and position parity" in page
+    assert "above 0.60 the label stream leaks the target" in page
+
+
+def test_table3_headline_bytes_are_payload_plus_metadata(report):
+    rep, table = report
+    t3 = pd.read_csv(rep.directory / "tables" / "table3_measured.csv")
+    assert (t3["kv_bytes_per_user"] >= t3["kv_payload_bytes_per_user"]).all()
+    assert (t3["kv_bytes_per_user"] > t3["kv_payload_bytes_per_user"]).any()
+    head = (rep.directory / "tables" / "table3_measured.md").read_text().splitlines()[2]
+    assert head.index("bytes / user (total)") < head.index("bytes / user (payload only)")
+    paper = (rep.directory / "tables" / "table3_paper_kuaivideo.md").read_text()
+    assert "paper-compat: payload, the paper's convention" in paper
+    front = (rep.directory / "tables" / "pareto.md").read_text().splitlines()[2]
+    assert "bytes / user (total)" in front
+
+
+def test_results_from_before_the_total_headline_read_with_todays_meaning(tmp_path):
+    from malloc_ray.study.results import build_table, load_table, table_path
+
+    old = {"trial_id": "t", "dataset": "kuai", "method": "kivi", "depth": 1, "seed": 0,
+           "status": "ok", "kv_bytes_per_user": 10, "kv_bytes_per_user_with_metadata": 25}
+    row = build_table([old]).iloc[0]  # an old result file
+    assert (row["kv_bytes_per_user"], row["kv_payload_bytes_per_user"]) == (25, 10)
+    pd.DataFrame([old]).to_parquet(table_path(tmp_path))  # an old trials table
+    row = load_table(tmp_path).iloc[0]
+    assert (row["kv_bytes_per_user"], row["kv_payload_bytes_per_user"]) == (25, 10)
 
 
 def test_table2_means_bold_and_delta_vs_native(report):

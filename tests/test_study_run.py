@@ -69,6 +69,13 @@ def test_faulty_trials_are_rows_and_mlflow_has_one_child_per_cell(tmp_path):
     assert by_method.loc["wo_mem", "tags.status"] == "diverged"
     assert by_method.loc["h2o", "tags.workflow"] == "post-hoc"
     assert set(by_method["tags.config_hash"]) == set(table["trial_id"])
+    # the dataset's label-stream audit travels with its id: per dataset on the parent, on every
+    # child ("n/a" for a dataset prepared before the audit existed)
+    parent = parents.iloc[0]
+    assert parent["params.dataset_id.syn"] == table["dataset_id"].iloc[0]
+    audit = parent["params.label_stream_auc.syn"]
+    assert audit == "n/a" or 0.0 <= float(audit) <= 1.0, audit
+    assert (children["params.label_stream_auc"] == audit).all()
 
     # the trials table is rebuilt from MLflow alone when the file is lost
     from malloc_ray.study.results import load_table
@@ -78,7 +85,7 @@ def test_faulty_trials_are_rows_and_mlflow_has_one_child_per_cell(tmp_path):
     assert set(rebuilt.index) == set(table.index)
     for method in table.index:
         for col in ("trial_id", "status", "depth", "seed", "mlflow_run_id", "kv_bytes_per_user",
-                    "auc"):
+                    "kv_payload_bytes_per_user", "auc"):
             a, b = rebuilt.loc[method, col], table.loc[method, col]
             assert (pd.isna(a) and pd.isna(b)) or a == pytest.approx(b) or a == b, (method, col)
     assert rebuilt.loc["wo_mem", "failed_epoch"] == 1

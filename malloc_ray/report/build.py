@@ -74,7 +74,7 @@ def _write_tables(out: Path, all_tables: list[tables.Table]) -> list[Path]:
 
 
 def _sections(table, info, figs, all_t, failure_marks) -> list:
-    t2, t3, t3p, t4, fail, failed, front, front_d = all_t
+    t2, t3, t3p, t4, fail, failed, front, front_d, ds_table = all_t
     datasets = sorted(table["dataset"].unique())
     mark_text = "; ".join(f"{m['dataset']}/{m['method']}@depth {m['depth']}: {m['statuses']}"
                           for m in failure_marks) or "none"
@@ -86,17 +86,17 @@ def _sections(table, info, figs, all_t, failure_marks) -> list:
         ("table4", "Methods (Table 4)", page.tables_html([t4])),
         ("fig4", "Trade-off (Figure 4)",
          page.figure_html(figs["fig4_gauc_macs"], "GAUC vs MACs per request (log); bubble "
-                          "area ∝ bytes per user; faded points are dominated; the line is the "
-                          "GAUC × MACs Pareto front.")
-         + page.figure_html(figs["pareto_gauc_bytes"], "GAUC vs bytes per user; the line is "
-                            "the GAUC × bytes Pareto front.")),
+                          "area ∝ bytes per user (payload + metadata); faded points are "
+                          "dominated; the line is the GAUC × MACs Pareto front.")
+         + page.figure_html(figs["pareto_gauc_bytes"], "GAUC vs bytes per user (payload + "
+                            "metadata); the line is the GAUC × bytes Pareto front.")),
         ("pareto", "Pareto fronts", page.tables_html([front, front_d])),
         ("fig5", "Depth scaling (Figure 5)",
          page.figure_html(figs["fig5_depth"], "GAUC and Logloss vs depth, mean ± std over ok "
                           f"seeds; red ✗ = failed seed(s). Marked: {mark_text}.")),
         ("convergence", "Convergence", conv),
         ("failures", "Failures", page.tables_html([fail, failed])),
-        ("reproducibility", "Reproducibility", page.repro_html(info)),
+        ("reproducibility", "Reproducibility", page.repro_html(info, ds_table)),
     ]
 
 
@@ -118,7 +118,8 @@ def build_report(study_dir: str | Path, tracking_uri: str | None = None,
              tables.failure_counts(table),
              tables.failed_list(pareto.failed_cells(table), MLFLOW_UI,
                                 mlflow_info.get("experiment_id")),
-             tables.pareto(summary, per_depth=False), tables.pareto(per_depth, per_depth=True))
+             tables.pareto(summary, per_depth=False), tables.pareto(per_depth, per_depth=True),
+             tables.datasets(info))
 
     final = study_dir / "report"
     tmp = study_dir / f".report-tmp-{os.getpid()}"

@@ -17,6 +17,9 @@ from malloc_ray.study.curves import draw_curves, pyplot
 from malloc_ray.study.results import history
 
 FAILED_COLOR = "#d62728"
+# Axis names that say what is counted: bytes are the total a server keeps per user.
+AXIS_LABELS = {"macs_per_request": "MACs per request",
+               "kv_bytes_per_user": "bytes per user (payload + metadata)"}
 
 
 def _colors(methods: list[str]) -> dict[str, tuple]:
@@ -50,8 +53,8 @@ def _front_line(ax, points: pd.DataFrame, x: str) -> None:
 def tradeoff(summary: pd.DataFrame, path: Path, x: str = "macs_per_request",
              front: str = "front_gauc_macs", bubbles: bool = True) -> Path:
     """GAUC vs cost per dataset; each point is a (method, depth) seed mean with ±std bars.
-    Dominated points are drawn faded, the front is connected. Bubble area ∝ bytes per user
-    (recompute methods, which keep no bytes, get the smallest bubble)."""
+    Dominated points are drawn faded, the front is connected. Bubble area ∝ bytes per user,
+    payload + metadata (recompute methods, which keep no bytes, get the smallest bubble)."""
     datasets = sorted(summary["dataset"].unique())
     fig, axes = _panels(len(datasets))
     colors = _colors(list(summary["label"].unique()))
@@ -74,7 +77,8 @@ def tradeoff(summary: pd.DataFrame, path: Path, x: str = "macs_per_request",
         if part[front].any():
             _front_line(ax, part[part[front]], x)
         ax.set_xscale("symlog" if (part[x] <= 0).any() else "log")
-        ax.set(title=ds, xlabel=x.replace("_", " ") + " (log)", ylabel="test GAUC")
+        ax.set(title=ds, xlabel=AXIS_LABELS.get(x, x.replace("_", " ")) + " (log)",
+               ylabel="test GAUC")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
     return _save(fig, path)

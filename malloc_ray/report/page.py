@@ -40,7 +40,7 @@ def figure_html(path: Path, caption: str) -> str:
     return f'<figure>{img_tag(path, caption)}<p class="caption">{html.escape(caption)}</p></figure>'
 
 
-def repro_html(info: dict) -> str:
+def repro_html(info: dict, datasets: Table) -> str:
     def flat(prefix: str, value) -> list[tuple[str, str]]:
         if isinstance(value, dict):
             return [kv for k, v in value.items() for kv in flat(f"{prefix}{k}.", v)]
@@ -51,12 +51,8 @@ def repro_html(info: dict) -> str:
                                   "protocol") if k in info}
     rows = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>"
                    for k, v in flat("", shown))
-    datasets = "".join(
-        f"<li><b>{html.escape(name)}</b>: dataset_id <code>{html.escape(str(d.get('dataset_id')))}"
-        f"</code>, stats {html.escape(json.dumps(d.get('stats')))}</li>"
-        for name, d in (info.get("datasets") or {}).items())
     spec = html.escape(json.dumps(info.get("spec"), indent=2))
-    return (f'<dl class="repro">{rows}</dl><h3>Datasets</h3><ul>{datasets}</ul>'
+    return (f'<dl class="repro">{rows}</dl>{tables_html([datasets])}'
             f"<details><summary>Resolved study spec</summary><pre>{spec}</pre></details>")
 
 

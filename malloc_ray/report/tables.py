@@ -16,10 +16,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from malloc_ray.study import provenance
 from malloc_ray.study.pareto import FRONTS
 
 STATUSES = ("ok", "diverged", "no_learning", "oom", "error")
 NATIVE = "native"
+BYTES_TOTAL, BYTES_PAYLOAD = "bytes / user (total)", "bytes / user (payload only)"
+BYTES_NOTE = ("Bytes / user (total) is everything a server keeps for the user, payload and "
+              "metadata (residual windows, pivots, quantizer scales, kept positions, validity "
+              "flags): the headline, used by the Pareto fronts. Payload only is the paper's "
+              "convention, shown beside it.")
 
 
 @dataclass
@@ -139,8 +145,9 @@ def table2(summary: pd.DataFrame) -> list[Table]:
 
 # -- Table 3: cost -----------------------------------------------------------------------------
 def table3(table: pd.DataFrame, summary: pd.DataFrame) -> Table:
-    """Measured cost at the study's own scale: MACs per request, bytes per user (payload and
-    with metadata) counted from the tensors, measured peak memory and throughput."""
+    """Measured cost at the study's own scale: MACs per request, bytes per user (total =
+    payload + metadata, the headline; then payload only) counted from the tensors, measured
+    peak memory and throughput."""
     keys = ["dataset", "method", "depth", "hparams"]
     table = table.assign(hparams=table["hparams"].fillna("{}"))
     extra = table.groupby(keys).agg(
@@ -151,19 +158,19 @@ def table3(table: pd.DataFrame, summary: pd.DataFrame) -> Table:
     display = pd.DataFrame({
         "dataset": df["dataset"], "depth": df["depth"], "method": df["label"],
         "MACs / request": df["macs_per_request"].map(fmt_count),
-        "bytes / user": df["kv_bytes_per_user"].map(fmt_bytes),
-        "bytes / user (+metadata)": df["kv_bytes_per_user_with_metadata"].map(fmt_bytes),
+        BYTES_TOTAL: df["kv_bytes_per_user"].map(fmt_bytes),
+        BYTES_PAYLOAD: df["kv_payload_bytes_per_user"].map(fmt_bytes),
         "peak memory (measured)": df["peak"].map(fmt_bytes),
         "train samples/s": df["sps"].map(lambda v: "–" if pd.isna(v) else f"{v:.0f}"),
     })
     raw = df[["dataset", "depth", "method", "hparams", "macs_per_request", "kv_bytes_per_user",
-              "kv_bytes_per_user_with_metadata", "peak", "sps", "train_s"]]
+              "kv_payload_bytes_per_user", "peak", "sps", "train_s"]]
     return Table("table3_measured", "Table 3 analog — cost at the study's scale (measured)",
                  display, raw,
                  note="MACs per request in closed form (cross-checked against "
                       "torch.utils.flop_counter in the tests); bytes counted from the memory "
-                      "tensors of one user; peak memory is the trial process's peak (CPU RSS or "
-                      "CUDA allocator).")
+                      f"tensors of one user. {BYTES_NOTE} Peak memory is the trial process's "
+                      "peak (CPU RSS or CUDA allocator).")
 
 
 def table3_paper_scale(methods: list[str]) -> list[Table]:
@@ -181,10 +188,10 @@ def table3_paper_scale(methods: list[str]) -> list[Table]:
         display = pd.DataFrame({
             "method": raw["method"],
             "MACs (ours)": raw["macs_per_request"].map(fmt_count),
-            "bytes (ours)": raw["bytes_per_user"].map(fmt_bytes),
-            "bytes +meta (ours)": raw["bytes_with_metadata"].map(fmt_bytes),
+            "bytes / user (total, ours)": raw["kv_bytes_per_user"].map(fmt_bytes),
+            "bytes / user (payload only, ours)": raw["kv_payload_bytes_per_user"].map(fmt_bytes),
             "MACs (paper-compat)": raw["paper_compat_macs"].map(fmt_count),
-            "MiB (paper-compat)": raw["paper_compat_bytes"].map(
+            "MiB (paper-compat: payload, the paper's convention)": raw["paper_compat_bytes"].map(
                 lambda b: "–" if b is None or pd.isna(b) else f"{b / 2**20:.2f}"),
             "MACs (paper)": raw["paper_macs"].map(fmt_count),
             "MiB (paper)": raw["paper_mib"].map(lambda v: "–" if v is None or pd.isna(v)
@@ -192,9 +199,11 @@ def table3_paper_scale(methods: list[str]) -> list[Table]:
         })
         out.append(Table(f"table3_paper_{profile}",
                          f"Table 3 at the paper's scale — {profile} (L={L})", display, raw,
-                         note="Ours: principled closed forms (primary). Paper-compat: the "
-                              "counting conventions that reproduce the printed table "
-                              "(docs/results.md); '–' where no formula fits."))
+                         note="Ours: principled closed forms (primary), equal to the bytes "
+                              "measured from real tensors (tests/test_cost_bytes.py). "
+                              f"{BYTES_NOTE} Paper-compat: the counting conventions that "
+                              "reproduce the printed table (docs/results.md), whose memory is "
+                              "payload only; '–' where no formula fits."))
     return out
 
 
@@ -235,6 +244,33 @@ def table4(methods: list[str]) -> Table:
                  note="Workflow: trained = trained with the method in place; post-hoc = applied "
                       "to the trained Native weights without a gradient step. Lines of code: the "
                       "method's class, without docstrings, comments and blank lines.")
+
+
+# -- datasets ----------------------------------------------------------------------------------
+DATASET_STATS = {"users": "users", "items": "items", "interactions": "interactions",
+                 "max_length": "max length", "avg_length": "avg length",
+                 "positive_rate": "positive rate"}
+LABEL_STREAM = "label-stream AUC"
+
+
+def datasets(info: dict) -> Table:
+    """The study's datasets as study.json recorded them: id, Table 1 statistics and the
+    label-stream audit, bold where the label stream leaks the target."""
+    rows = [{"dataset": name, "dataset_id": d.get("dataset_id"),
+             **{label: (d.get("stats") or {}).get(key) for key, label in DATASET_STATS.items()},
+             LABEL_STREAM: provenance.label_stream_auc(d.get("stats"))}
+            for name, d in sorted((info.get("datasets") or {}).items())]
+    raw = pd.DataFrame(rows, columns=["dataset", "dataset_id", *DATASET_STATS.values(),
+                                      LABEL_STREAM])
+    raw[LABEL_STREAM] = pd.to_numeric(raw[LABEL_STREAM], errors="coerce").astype(float)
+    display = raw.astype(object).where(raw.notna(), "–").astype(str)
+    display[LABEL_STREAM] = raw[LABEL_STREAM].map(
+        lambda v: provenance.fmt_label_stream_auc(None if pd.isna(v) else v))
+    bold = pd.DataFrame(False, index=raw.index, columns=raw.columns)
+    bold[LABEL_STREAM] = raw[LABEL_STREAM] > provenance.LABEL_STREAM_LEAK
+    note = (f"{provenance.LABEL_STREAM_NOTE} Bold: above {provenance.LABEL_STREAM_LEAK:.2f}."
+            if len(raw) else "No dataset provenance recorded (study.json missing).")
+    return Table("datasets", "Datasets", display, raw, bold, note=note)
 
 
 # -- failures ----------------------------------------------------------------------------------
@@ -279,7 +315,7 @@ def pareto(summary: pd.DataFrame, per_depth: bool) -> Table:
         "dataset": df["dataset"], "depth": df["depth"].astype(str), "method": df["label"],
         "GAUC": [fmt_mean_std(m, s) for m, s in zip(df["gauc"], df["gauc_std"])],
         "MACs": df["macs_per_request"].map(fmt_count),
-        "bytes": df["kv_bytes_per_user"].map(fmt_bytes),
+        BYTES_TOTAL: df["kv_bytes_per_user"].map(fmt_bytes),
         "seeds ok": [f"{a}/{b}" for a, b in zip(df["n_ok"], df["n_seeds"])],
     })
     bold = pd.DataFrame(False, index=df.index, columns=display.columns)
@@ -289,5 +325,6 @@ def pareto(summary: pd.DataFrame, per_depth: bool) -> Table:
     scope = "within each (dataset, depth)" if per_depth else "within each dataset, over all depths"
     return Table("pareto_per_depth" if per_depth else "pareto", f"Pareto fronts ({scope})",
                  display, df, bold,
-                 note="● = non-dominated on seed means (GAUC ↑, MACs ↓, bytes ↓). Points "
-                      "without an ok seed are listed but cannot be on a front.")
+                 note="● = non-dominated on seed means (GAUC ↑, MACs ↓, bytes ↓; bytes = "
+                      "payload + metadata per user). Points without an ok seed are listed but "
+                      "cannot be on a front.")

@@ -19,6 +19,8 @@ from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 
+from malloc_ray.data.audit import WARN_ABOVE as LABEL_STREAM_LEAK
+
 PACKAGES = ("malloc-ray", "torch", "ray", "mlflow", "optuna", "numpy", "pandas", "pyarrow",
             "matplotlib", "torchmetrics")
 REPO = Path(__file__).resolve().parents[2]
@@ -106,6 +108,24 @@ def ray_cluster() -> dict | None:
                               if k in ("CPU", "GPU", "memory")}}
     except Exception:  # noqa: BLE001 - provenance must never stop a study
         return None
+
+
+# The dataset's label-stream audit (`stats.label_stream_auc`, written by data.prepare): how well
+# the label stream alone predicts the target. Datasets prepared before the audit lack it. The
+# threshold, LABEL_STREAM_LEAK, is the one prepare warns above.
+LABEL_STREAM_NOTE = ("Label-stream AUC: AUC on the valid split of a predictor that sees only the "
+                     f"previous labels and position parity; above {LABEL_STREAM_LEAK:.2f} the "
+                     "label stream leaks the target. n/a: prepared before this audit existed.")
+
+
+def label_stream_auc(stats: dict | None) -> float | None:
+    """`stats.label_stream_auc` of a dataset's meta.json, None where it is absent."""
+    value = (stats or {}).get("label_stream_auc")
+    return None if value is None else float(value)
+
+
+def fmt_label_stream_auc(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def dataset_info(dirs: dict[str, str]) -> dict:

@@ -14,13 +14,19 @@ import pandas as pd
 
 COLUMNS = ["trial_id", "dataset", "dataset_id", "method", "category", "workflow", "depth",
            "seed", "status", "failed_epoch", "reason", "auc", "gauc", "logloss", "valid_auc",
-           "best_epoch", "epochs_run", "kv_bytes_per_user", "kv_bytes_per_user_with_metadata",
+           "best_epoch", "epochs_run", "kv_bytes_per_user", "kv_payload_bytes_per_user",
            "macs_per_request", "macs_prefill", "peak_memory_bytes", "estimated_memory_bytes",
            "gpu_fraction", "train_seconds", "samples_per_second", "mlflow_run_id", "started_at",
            "finished_at", "hparams", "history"]
 # Per-epoch records (what the convergence curves plot), kept in the table as JSON text so that a
 # report needs nothing but the table.
 EPOCH_KEYS = ("train_loss", "valid_auc", "valid_gauc", "valid_logloss", "seconds")
+# Results, tables and MLflow runs written before payload + metadata became the headline hold
+# the payload in `kv_bytes_per_user` and the total under this name; they are read with today's
+# meaning, so an old study's report never shows payload as the headline.
+OLD_TOTAL_BYTES = "kv_bytes_per_user_with_metadata"
+RENAMED_BYTES = {"kv_bytes_per_user": "kv_payload_bytes_per_user",
+                 OLD_TOTAL_BYTES: "kv_bytes_per_user"}
 
 
 def table_path(study_dir: str | Path) -> Path:
@@ -36,7 +42,15 @@ def finished_results(study_dir: str | Path) -> dict[str, dict]:
     return out
 
 
+def upgrade_bytes(result: dict) -> dict:
+    """A result (or table row) in today's byte fields, whenever it was written."""
+    if OLD_TOTAL_BYTES not in result:
+        return result
+    return {RENAMED_BYTES.get(k, k): v for k, v in result.items()}
+
+
 def build_table(results: list[dict]) -> pd.DataFrame:
+    results = [upgrade_bytes(r) for r in results]
     rows = [{**{c: r.get(c) for c in COLUMNS}, "history": _history_json(r.get("history")),
              "hparams": _hparams_json(r)} for r in results]
     table = pd.DataFrame(rows, columns=COLUMNS)
@@ -82,7 +96,8 @@ def load_table(study_dir: str | Path, tracking_uri: str | None = None,
     """The study's trials table; rebuilt (and rewritten) from MLflow when the file is gone."""
     path = table_path(study_dir)
     if path.exists():
-        return pd.read_parquet(path)
+        table = pd.read_parquet(path)
+        return table.rename(columns=RENAMED_BYTES) if OLD_TOTAL_BYTES in table else table
     if tracking_uri is None or experiment is None:
         raise FileNotFoundError(f"{path} is missing and no MLflow store was given to rebuild it")
     table = table_from_mlflow(tracking_uri, experiment)
@@ -104,7 +119,7 @@ def table_from_mlflow(tracking_uri: str, experiment: str) -> pd.DataFrame:
         row = {"trial_id": run.get("tags.config_hash"), "mlflow_run_id": run["run_id"],
                "started_at": run["start_time"].timestamp() if run["start_time"] is not None else None,
                "finished_at": run["end_time"].timestamp() if run["end_time"] is not None else None}
-        for col in COLUMNS:
+        for col in (*COLUMNS, OLD_TOTAL_BYTES):
             for prefix in ("tags.", "metrics."):
                 value = run.get(prefix + col)
                 if value is not None and value == value and col not in row:

@@ -94,8 +94,10 @@ def cell_records(spec: StudySpec, cells: list[Cell], device_bytes: int | None) -
         res = trial_resources(cfg, meta["vocab_size"], spec.resources.cpus_per_trial,
                               spec.resources.gpus, device_bytes, spec.resources.gpu_fraction_step)
         record = {"trial_id": trial_id, "config": cfg.to_dict(), "dataset": cell.dataset,
-                  "dataset_id": meta["dataset_id"], "category": method.category,
-                  "workflow": method.workflow, "resources": res, "gpu_fraction": res["gpu"],
+                  "dataset_id": meta["dataset_id"],
+                  "label_stream_auc": provenance.label_stream_auc(meta["stats"]),
+                  "category": method.category, "workflow": method.workflow,
+                  "resources": res, "gpu_fraction": res["gpu"],
                   "estimated_memory_bytes": estimate,
                   "name": f"{cell.dataset}-{cfg.method}-d{cfg.depth}-s{cfg.seed}-{trial_id[:6]}"}
         if cfg.method == "native":
@@ -234,9 +236,9 @@ def search_space(spec: StudySpec, methods: list[str]) -> dict:
 
 def run_optuna(spec: StudySpec, dirs: dict[str, str], study, smoke_test: bool) -> None:
     """One Optuna search per dataset over the trained methods; single objective with TPE, or
-    several (e.g. auc and kv_bytes_per_user) with NSGA-II. The Optuna study is stored in
-    <study>/optuna.db beside MLflow. Post-hoc methods are not searched (they need a Native
-    model of the same cell); run them in a grid study."""
+    several (e.g. auc and kv_bytes_per_user, payload + metadata) with NSGA-II. The Optuna
+    study is stored in <study>/optuna.db beside MLflow. Post-hoc methods are not searched
+    (they need a Native model of the same cell); run them in a grid study."""
     import optuna
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
@@ -277,8 +279,10 @@ def run_optuna(spec: StudySpec, dirs: dict[str, str], study, smoke_test: bool) -
             method = get_method(cfg.method)
             trial_id = config_hash(cfg, meta["dataset_id"])
             record = {"trial_id": trial_id, "config": cfg.to_dict(), "dataset": ds_name,
-                      "dataset_id": meta["dataset_id"], "category": method.category,
-                      "workflow": method.workflow, "gpu_fraction": 0.0,
+                      "dataset_id": meta["dataset_id"],
+                      "label_stream_auc": provenance.label_stream_auc(meta["stats"]),
+                      "category": method.category, "workflow": method.workflow,
+                      "gpu_fraction": 0.0,
                       "estimated_memory_bytes": estimate_peak_bytes(cfg, meta["vocab_size"]),
                       "name": f"{ds_name}-{cfg.method}-d{cfg.depth}-{trial_id[:6]}"}
             result = run_cell(record, study, study_dir, (samples or {}).get(key))
@@ -305,6 +309,18 @@ def run_optuna(spec: StudySpec, dirs: dict[str, str], study, smoke_test: bool) -
 
 
 # -- the study ---------------------------------------------------------------------------------
+def study_params(spec: StudySpec, dirs: dict[str, str]) -> dict:
+    """The parent run's parameters: the resolved spec, and per dataset its id and label-stream
+    audit (the same values every child run of that dataset carries)."""
+    params = {"spec": json.dumps(asdict(spec), default=str)}
+    for name, directory in dirs.items():
+        meta = read_meta(directory)
+        params[f"dataset_id.{name}"] = meta["dataset_id"]
+        params[f"label_stream_auc.{name}"] = provenance.fmt_label_stream_auc(
+            provenance.label_stream_auc(meta["stats"]))
+    return params
+
+
 def run_study(spec: StudySpec, smoke_test: bool = False, retry_failed: bool = False
               ) -> pd.DataFrame:
     if smoke_test:
@@ -328,8 +344,7 @@ def run_study(spec: StudySpec, smoke_test: bool = False, retry_failed: bool = Fa
     todo = [r for r in records if r["trial_id"] not in finished]
     log(f"study {spec.name}: {len(records)} cells, {len(records) - len(todo)} already finished, "
         f"{len(todo)} to run; MLflow: {tracking_uri}")
-    study = start_study_run(tracking_uri, spec.name, study_dir,
-                            params={"spec": json.dumps(asdict(spec), default=str)})
+    study = start_study_run(tracking_uri, spec.name, study_dir, params=study_params(spec, dirs))
     provenance.write(study_dir, provenance.collect(spec, dirs, tracking_uri, study, smoke_test))
     status = "FAILED"
     try:
@@ -354,7 +369,7 @@ def run_search_study(spec: StudySpec, dirs: dict[str, str], tracking_uri: str,
                      smoke_test: bool) -> pd.DataFrame:
     init_ray()
     study = start_study_run(tracking_uri, spec.name, spec.study_dir,
-                            params={"spec": json.dumps(asdict(spec), default=str)})
+                            params=study_params(spec, dirs))
     provenance.write(spec.study_dir, provenance.collect(spec, dirs, tracking_uri, study,
                                                         smoke_test))
     status = "FAILED"

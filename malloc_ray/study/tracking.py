@@ -17,7 +17,7 @@ ROLE_TAG, STUDY_TAG = "malloc.role", "malloc.study"
 CHILD_TAGS = ("method", "category", "workflow", "depth", "seed", "dataset_id", "config_hash",
               "status")
 FINAL_METRICS = ("auc", "gauc", "logloss", "valid_auc", "best_epoch", "epochs_run",
-                 "kv_bytes_per_user", "kv_bytes_per_user_with_metadata", "macs_per_request",
+                 "kv_bytes_per_user", "kv_payload_bytes_per_user", "macs_per_request",
                  "macs_prefill", "peak_memory_bytes", "estimated_memory_bytes", "train_seconds",
                  "samples_per_second")
 
@@ -89,9 +89,11 @@ def finish_study_run(run: StudyRun, status: str = "FINISHED") -> None:
 
 
 class ChildRun:
-    """One cell's MLflow child run: tags, per-epoch metrics, final metrics, config artifact."""
+    """One cell's MLflow child run: tags, per-epoch metrics, final metrics, config artifact.
+    `params` are logged beside the config's fields (facts about the cell's data, not config)."""
 
-    def __init__(self, run: StudyRun, name: str, tags: dict, config: dict):
+    def __init__(self, run: StudyRun, name: str, tags: dict, config: dict,
+                 params: dict | None = None):
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(run.tracking_uri)
@@ -100,7 +102,7 @@ class ChildRun:
                     **{k: str(v) for k, v in tags.items()}}
         self.run_id = self.client.create_run(run.experiment_id, run_name=name,
                                              tags=all_tags).info.run_id
-        for key, value in config.items():
+        for key, value in {**config, **(params or {})}.items():
             self.client.log_param(self.run_id, key, json.dumps(value) if isinstance(value, dict)
                                   else str(value))
         self.log_json(config, "config.json")

@@ -16,6 +16,7 @@ import traceback
 from pathlib import Path
 
 from malloc_ray.config import TrialConfig
+from malloc_ray.study.provenance import fmt_label_stream_auc
 from malloc_ray.study.tracking import ChildRun, StudyRun
 
 
@@ -59,7 +60,9 @@ def run_cell(cell: dict, study: StudyRun, study_dir: str, samples: dict | None =
     tags = {"method": cfg.method, "category": cell["category"], "workflow": cell["workflow"],
             "depth": cfg.depth, "seed": cfg.seed, "dataset_id": cell["dataset_id"],
             "config_hash": cell["trial_id"], "status": "running", "dataset": cell["dataset"]}
-    child = ChildRun(study, name=cell["name"], tags=tags, config=cfg.to_dict())
+    # The dataset's label-stream audit travels with its id, so a leaky dataset shows on the run.
+    audit = {"label_stream_auc": fmt_label_stream_auc(cell.get("label_stream_auc"))}
+    child = ChildRun(study, name=cell["name"], tags=tags, config=cfg.to_dict(), params=audit)
     if cfg.device == "cuda" and cell.get("gpu_fraction"):
         torch.cuda.set_per_process_memory_fraction(min(1.0, cell["gpu_fraction"]))
 
@@ -100,6 +103,6 @@ def tune_trainable(config: dict, study: StudyRun = None, study_dir: str = None,
     result = run_cell(cell, study, study_dir, (samples or {}).get(cell["dataset"]),
                       report=tune.report)
     # Tune's progress output shows these; the full result is in the result file and MLflow.
-    keys = ("status", "auc", "gauc", "logloss", "kv_bytes_per_user", "macs_per_request",
-            "best_epoch", "train_seconds")
+    keys = ("status", "auc", "gauc", "logloss", "kv_bytes_per_user", "kv_payload_bytes_per_user",
+            "macs_per_request", "best_epoch", "train_seconds")
     tune.report({**{k: result.get(k) for k in keys}, "done": True})
