@@ -18,7 +18,11 @@ def _parse_hparam(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise InputError(f"expected KEY=VALUE, got {text!r}", key="--hparam")
     key, value = text.split("=", 1)
-    return key, yaml.safe_load(value)
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise InputError(f"value of {key!r} is not valid YAML: {value!r}",
+                         key="--hparam") from None
 
 
 def _train_parser(sub) -> None:
@@ -48,27 +52,34 @@ def _train_parser(sub) -> None:
 
 def _cmd_train(args) -> int:
     from malloc_ray.config import TrialConfig
+    from malloc_ray.files import load_yaml
     from malloc_ray.train.trial import run_trial
 
     raw: dict = {}
     if args.config:
-        try:
-            with open(args.config) as f:
-                raw = yaml.safe_load(f) or {}
-        except OSError as exc:
-            raise InputError(f"cannot read: {exc.strerror}", file=args.config) from exc
+        raw = load_yaml(args.config, "trial config") or {}
         if not isinstance(raw, dict):
             raise InputError("expected a mapping of trial config keys", file=args.config)
     flags = ("dataset", "method", "depth", "seed", "device", "epochs", "max_len", "d_model",
              "num_heads", "batch_size", "lr", "dropout", "loss_positions", "loader")
-    raw.update({k: getattr(args, k) for k in flags if getattr(args, k) is not None})
+    given = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
+    from_file = set(raw) - set(given)  # a bad value of these is the config file's
+    raw.update(given)
     if args.hparam:
+        if not isinstance(raw.get("hparams", {}), dict):
+            raise InputError(f"must be a mapping, got {raw['hparams']!r}", file=args.config,
+                             key="hparams")
         raw["hparams"] = {**raw.get("hparams", {}), **dict(map(_parse_hparam, args.hparam))}
     if args.smoke_test:
         raw.update(epochs=1, max_steps_per_epoch=5)
     if "dataset" not in raw:
         raise InputError("a dataset directory is required (--dataset DIR)", key="dataset")
-    cfg = TrialConfig.from_dict(raw)
+    try:
+        cfg = TrialConfig.from_dict(raw)
+    except InputError as exc:
+        if exc.file is None and exc.key in from_file:
+            raise InputError(exc.message, file=args.config, key=exc.key) from None
+        raise
 
     def progress(record: dict) -> None:
         print(f"epoch {record['epoch']}: train_loss={record['train_loss']:.4f} "
@@ -176,7 +187,8 @@ def _report_parser(sub) -> None:
     p.add_argument("--mlflow-tracking-uri", help="where the study's runs are (default: the one "
                                                  "recorded in STUDY/study.json)")
     p.add_argument("--no-mlflow", action="store_true",
-                   help="do not log the report as artifacts of the study's MLflow run")
+                   help="leave MLflow alone: build from STUDY/trials.parquet (else the "
+                        "result files), log nothing (e.g. a study copied without its store)")
     p.set_defaults(func=_cmd_report)
 
 
@@ -222,18 +234,20 @@ def _cmd_cost(args) -> int:
     # alone comes second; the paper's Table 3 (and so the paper-compat column) counts only it.
     compat = "paper-compat MiB (payload, paper's convention)"
     head = (f"{'method':11s} {'category':12s} {'workflow':9s} {'GMACs':>9s} {'total MiB':>9s} "
-            f"{'payload MiB':>11s}")
+            f"{'payload MiB':>11s} {'shared MiB':>10s}")
     if args.paper_compat:
         head += f" | {'compat GMACs':>12s} {compat} | {'paper GMACs':>11s} {'paper MiB':>9s}"
     print(f"profile {args.profile}: 32 layers, d=256, 8 heads; ours = principled closed forms "
           "(primary)")
     print("total MiB = everything kept per user (payload + metadata: residuals, scales, "
           "positions); payload MiB = payload only")
+    print("shared MiB = kept once per model for all users (CollectiveKV's KV pool): fleet "
+          "memory = shared + users x total")
     print(head)
     for r in rows:
         line = (f"{r['method']:11s} {r['category']:12s} {r['workflow']:9s} "
                 f"{gmacs(r['macs_per_request']):>9s} {mib(r['kv_bytes_per_user']):>9s} "
-                f"{mib(r['kv_payload_bytes_per_user']):>11s}")
+                f"{mib(r['kv_payload_bytes_per_user']):>11s} {mib(r['shared_bytes']):>10s}")
         if args.paper_compat:
             paper_mib = "-" if r["paper_mib"] is None else f"{r['paper_mib']:.2f}"
             line += (f" | {gmacs(r['paper_compat_macs']):>12s} "

@@ -18,5 +18,5 @@ class InputError(ValueError):
             where.append(f"row {row}")
         if key is not None:
             where.append(f"key '{key}'")
-        self.file, self.row, self.key = file, row, key
+        self.file, self.row, self.key, self.message = file, row, key, message
         super().__init__(f"{', '.join(where)}: {message}" if where else message)

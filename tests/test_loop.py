@@ -176,3 +176,15 @@ def test_learning_model_passes_no_learning_check():
 def test_rejects_zero_patience():
     with pytest.raises(ValueError):
         TrainConfig(patience=0)
+
+
+def test_no_learning_is_on_by_default_and_its_margin_configurable():
+    """Without no_learning_epochs the run trains to the end, then is judged: a model that
+    cannot beat chance is `no_learning` (metrics kept), and a margin of 0 would accept it."""
+    result = run(BiasOnly(), TrainConfig(lr=0.05, epochs=3, patience=5))
+    assert result["status"] == "no_learning" and result["epochs_run"] == 3
+    assert result["auc"] == result["auc"] and "0.5 + 0.02" in result["reason"]
+    accepted = run(BiasOnly(), TrainConfig(lr=0.05, epochs=3, patience=5,
+                                           no_learning_margin=0.0))  # AUC 0.5 >= 0.5 + 0
+    assert accepted["status"] == "ok"
+    assert run(TargetLogReg(), TrainConfig(lr=0.05, epochs=2))["status"] == "ok"

@@ -93,6 +93,11 @@ def local_ray():
         ray.shutdown()
 
 
+# A smoke run checks the pipeline, not learning: a tiny model may end `no_learning`, which is a
+# result like `ok` (anything else is a failure of the pipeline).
+RAN = ("ok", "no_learning")
+
+
 def _smoke(spec: Path, out: Path, capsys) -> pd.DataFrame:
     code = cli.main(["study", "run", str(spec), "--smoke-test", "--output-dir", str(out)])
     printed = capsys.readouterr()
@@ -105,16 +110,16 @@ def test_paper_specs_pass_their_smoke_test(tmp_path, capsys, monkeypatch, local_
     monkeypatch.chdir(REPO)  # recipe paths are relative to the repository root
     table = _smoke(TABLE2, tmp_path, capsys)
     assert sorted(table["dataset"]) == sorted(PAPER_MAX_LEN)
-    assert (table["status"] == "ok").all() and (table["method"] == "native").all()
+    assert table["status"].isin(RAN).all() and (table["method"] == "native").all()
     table = _smoke(DEPTH, tmp_path, capsys)
-    assert sorted(table["depth"]) == [1, 32] and (table["status"] == "ok").all()
+    assert sorted(table["depth"]) == [1, 32] and table["status"].isin(RAN).all()
 
 
 @pytest.mark.slow
 def test_ml100k_study_runs_end_to_end(tmp_path, capsys, monkeypatch, local_ray, ml100k_inter):
     monkeypatch.chdir(REPO)
     table = _smoke(ML100K, tmp_path, capsys)
-    assert sorted(table["method"]) == ["mqa", "native"] and (table["status"] == "ok").all()
+    assert sorted(table["method"]) == ["mqa", "native"] and table["status"].isin(RAN).all()
     assert table["auc"].notna().all()
     meta = read_meta(tmp_path / "ml100k-smoke" / "data" / "ml100k")
     assert meta["stats"]["users"] == 943 and meta["stats"]["interactions"] == 100_000

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+from scipy import stats as scipy_stats
 import pytest
 
 from malloc_ray.errors import InputError
@@ -85,19 +86,31 @@ def test_results_from_before_the_total_headline_read_with_todays_meaning(tmp_pat
     assert (row["kv_bytes_per_user"], row["kv_payload_bytes_per_user"]) == (25, 10)
 
 
-def test_table2_means_bold_and_delta_vs_native(report):
+def test_table2_means_intervals_and_paired_delta_vs_native(report):
     rep, table = report
     t2 = pd.read_csv(rep.directory / "tables" / "table2_depth1.csv").set_index("method")
     ok = table[(table.status == "ok") & (table.depth == 1) & (table.dataset == "kuai")]
     means = ok.groupby("method")["gauc"].mean()
     for method, value in means.items():
         assert t2.loc[method, "kuai GAUC"] == pytest.approx(value)
-    delta = t2.loc["mqa", "kuai ΔGAUC vs native"]
-    assert delta == pytest.approx((means["mqa"] / means["native"] - 1) * 100)
-    md = (rep.directory / "tables" / "table2_depth1.md").read_text()
-    best = means.idxmax()
-    best_line = next(line for line in md.splitlines() if line.startswith(f"| {best} |"))
-    assert "**" in best_line
+    # independent of the report's code: scipy's paired t interval over the shared seeds
+    pair = ok.pivot(index="seed", columns="method", values="gauc")[["mqa", "native"]].dropna()
+    ci = scipy_stats.ttest_rel(pair["mqa"], pair["native"]).confidence_interval(0.95)
+    assert t2.loc["mqa", "kuai ΔGAUC vs native"] == pytest.approx((pair["mqa"] - pair["native"]).mean())
+    assert t2.loc["mqa", "kuai ΔGAUC vs native ci95"] == pytest.approx((ci.high - ci.low) / 2)
+    verdict = "better" if ci.low > 0 else "worse" if ci.high < 0 else "≈"
+    assert t2.loc["mqa", "kuai verdict vs native"] == verdict
+    # bold only where the best interval is apart from the runner-up's (scipy's t quantile)
+    half = {m: scipy_stats.t.ppf(0.975, len(g) - 1) * g.std(ddof=1) / len(g) ** 0.5
+            for m, g in ok.groupby("method")["gauc"]}
+    order = means.sort_values(ascending=False).index
+    apart = means[order[0]] - half[order[0]] > means[order[1]] + half[order[1]]
+    md = (rep.directory / "tables" / "table2_depth1.md").read_text().splitlines()
+    header = [c.strip() for c in next(l for l in md if l.startswith("| method")).split("|")]
+    col = header.index("kuai GAUC")
+    bold = {line.split("|")[1].strip() for line in md
+            if line.startswith("| ") and "**" in line.split("|")[col]}
+    assert bold == ({order[0]} if apart else set())
 
 
 def test_failed_cells_are_in_the_failure_table_and_marked_on_figure5(report):

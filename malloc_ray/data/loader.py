@@ -10,7 +10,6 @@ Rows are left-padded with item 0 / label 0 to the batch's longest window. Both i
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -19,11 +18,11 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
 from malloc_ray.data.prepare import SPLITS, last_train_prefix, read_meta
 from malloc_ray.errors import InputError
+from malloc_ray.files import read_parquet
 
 LOSS_POSITIONS = ("last", "all")
 
@@ -74,7 +73,7 @@ def load_dataset(directory: str | Path) -> Dataset:
     path = Path(directory)
     meta = read_meta(path)
     users_file = path / "users.parquet"
-    users = pq.read_table(users_file, columns=["user", "items", "labels"])
+    users = read_parquet(users_file, columns=["user", "items", "labels"])
     if not np.array_equal(users.column("user").to_numpy(), np.arange(users.num_rows)):
         raise InputError("users are not the dense ids 0..U-1 in order", file=str(users_file),
                          key="user")
@@ -87,7 +86,7 @@ def load_dataset(directory: str | Path) -> Dataset:
                                   arrays.items.max() < meta["vocab_size"]):
         raise InputError(f"item ids outside 1..{meta['vocab_size'] - 1}", file=str(users_file),
                          key="items")
-    samples = pq.read_table(path / "samples.parquet").to_pandas()
+    samples = read_parquet(path / "samples.parquet").to_pandas()
     if "candidate" in samples and len(samples) and not (
             0 < samples["candidate"].min() and samples["candidate"].max() < meta["vocab_size"]):
         raise InputError(f"candidate ids outside 1..{meta['vocab_size'] - 1}",
@@ -186,15 +185,11 @@ def local_batches(ds: Dataset, split: str, batch_size: int, max_len: int,
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
-    """Start a local Ray if none is running; join the cluster when RAY_ADDRESS is set."""
-    import ray
+    """Start a local Ray (listening on 127.0.0.1 only) if none is running; join the cluster
+    when RAY_ADDRESS is set (a cluster decides its own resources)."""
+    from malloc_ray.ray_local import ensure_ray as _ensure_ray
 
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()  # a cluster decides its own resources
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False)
+    _ensure_ray(num_cpus=num_cpus)
 
 
 def ray_samples(ds: Dataset, split: str | None = None, max_len: int | None = None,

@@ -6,12 +6,15 @@ names and dtypes here are a contract.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import inspect
 import json
 import os
+import re
 import secrets
 import shutil
+import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +24,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from malloc_ray.config import TYPE_WORDS, has_type
 from malloc_ray.data import audit
-from malloc_ray.data.sources import SOURCES, InteractionLog
+from malloc_ray.data.sources import SOURCE_CHECKS, SOURCES, InteractionLog
 from malloc_ray.errors import InputError
+from malloc_ray.files import check_writable_dir
 
 FORMAT_VERSION = 1
 MIN_INTERACTIONS = 3  # one train history item, a valid target and a test target
@@ -40,6 +45,8 @@ META_KEYS = ("format_version", "dataset_id", "name", "source", "stats", "vocab_s
              "split_protocol", "dropped_users")
 
 Progress = Callable[[str], None]
+# prepare()'s own options and their types; every other option of a recipe is the reader's
+PREPARE_OPTIONS = {"max_seq_len": int, "drop_short_users": bool, "name": str, "strict": bool}
 
 
 @dataclass
@@ -70,11 +77,9 @@ def prepare(source: str, out: str | Path, *, overwrite: bool = False,
     targets (audit.WARN_ABOVE) is an error instead of a warning, and nothing is written.
     """
     say = progress or (lambda _msg: None)
-    if source not in SOURCES:
-        raise InputError(f"unknown source {source!r} (choose from {', '.join(SOURCES)})",
-                         key="source")
+    args = check_recipe({"source": source, "max_seq_len": max_seq_len, "name": name,
+                         "drop_short_users": drop_short_users, "strict": strict, **options})
     reader = SOURCES[source]
-    args = _bind(reader, options)
     _check_target(Path(out), overwrite)  # fail before a long read, not after
     say(f"reading {source} ...")
     # Streaming readers report progress themselves; it is not a setting, so not in meta.json.
@@ -302,6 +307,7 @@ def _write_files(target: Path, seqs: Sequences, samples: dict[str, np.ndarray],
 
 def _check_target(out: Path, overwrite: bool) -> None:
     if not out.exists():
+        check_writable_dir(out.parent, file=str(out))
         return
     if not overwrite:
         raise InputError("output already exists; pass overwrite=True (--overwrite) to replace "
@@ -310,21 +316,24 @@ def _check_target(out: Path, overwrite: bool) -> None:
     if not out.is_dir() or (any(out.iterdir()) and not (out / "meta.json").is_file()):
         raise InputError("refusing to overwrite: not a dataset directory (no meta.json)",
                          file=str(out))
+    check_writable_dir(out.parent, file=str(out))
 
 
 def _atomic_write(out: Path, overwrite: bool, write: Callable[[Path], None]) -> None:
-    """Write into <out>.tmp-<random> beside `out`, then rename it into place.
+    """Write into <out>.tmp-<host>-<pid>-<random> beside `out`, then rename it into place.
 
-    On any error the temp dir is removed and an existing `out` is left as it was.
+    On any error the temp dir is removed and an existing `out` is left as it was; what a
+    killed prepare left (its pid is dead) is removed by the next prepare of the same `out`.
     """
     _check_target(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{secrets.token_hex(6)}")
+    remove_stale(out)
+    tmp = _scratch(out, "tmp")
     tmp.mkdir()
     try:
         write(tmp)
         if out.exists():
-            old = out.with_name(f"{out.name}.old-{secrets.token_hex(6)}")
+            old = _scratch(out, "old")
             os.replace(out, old)  # a dir cannot be renamed over a non-empty dir
             try:
                 os.replace(tmp, out)
@@ -339,13 +348,67 @@ def _atomic_write(out: Path, overwrite: bool, write: Callable[[Path], None]) -> 
         raise
 
 
+def _scratch(out: Path, kind: str) -> Path:
+    # Host and pid in the name tell a live writer's dir from a killed one's (remove_stale).
+    return out.with_name(f"{out.name}.{kind}-{socket.gethostname()}-{os.getpid()}-"
+                         f"{secrets.token_hex(6)}")
+
+
+def remove_stale(out: Path) -> list[Path]:
+    """Remove the tmp/old dirs of `out` left by killed prepares: made on this host by a pid
+    that is gone. Those of live processes, and of other hosts (a shared disk), are kept."""
+    pattern = re.compile(re.escape(out.name) + r"\.(tmp|old)-(.+)-(\d+)-[0-9a-f]{12}")
+    removed = []
+    for path in out.parent.glob(f"{glob.escape(out.name)}.*-*"):
+        match = pattern.fullmatch(path.name)
+        if match and match[2] == socket.gethostname() and not _alive(int(match[3])):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process, alive
+        pass
+    return True
+
+
+def check_recipe(recipe: dict) -> dict:
+    """The reader arguments of a recipe {source, prepare()'s own options, reader options},
+    defaults filled in; what `prepare` would refuse is refused here, before any reading (a
+    study checks its recipes before it starts)."""
+    source = recipe.get("source")
+    if not isinstance(source, str) or source not in SOURCES:
+        problem = f"unknown source {source!r}" if "source" in recipe else "no source given"
+        raise InputError(f"{problem} (choose from {', '.join(SOURCES)})", key="source")
+    for key, kind in PREPARE_OPTIONS.items():
+        value = recipe.get(key)
+        if value is not None and not has_type(value, kind):
+            raise InputError(f"must be {TYPE_WORDS[kind]}, got {value!r}", key=key)
+    if recipe.get("max_seq_len") is not None and recipe["max_seq_len"] < MIN_INTERACTIONS:
+        raise InputError(f"max_seq_len must be >= {MIN_INTERACTIONS}, got "
+                         f"{recipe['max_seq_len']}", key="max_seq_len")
+    args = _bind(SOURCES[source], {k: v for k, v in recipe.items()
+                                   if k != "source" and k not in PREPARE_OPTIONS})
+    if source in SOURCE_CHECKS:
+        SOURCE_CHECKS[source](**args)
+    return args
+
+
 def _bind(reader: Callable, options: dict) -> dict:
     """Reader arguments with defaults filled in, so meta.json records every setting."""
-    if "progress" in options:
-        raise InputError("'progress' is not a source option", key="progress")
+    known = [p for p in inspect.signature(reader).parameters if p != "progress"]
+    for key in options:
+        if key not in known:
+            raise InputError(f"not an option of this source; its options: {', '.join(known)}",
+                             key=key)
     try:
         bound = inspect.signature(reader).bind(**options)
-    except TypeError as exc:
+    except TypeError as exc:  # a required option is missing
         raise InputError(f"bad options for this source: {exc}", key="source") from exc
     bound.apply_defaults()
     args = dict(bound.arguments)

@@ -147,6 +147,12 @@ class Method(nn.Module):
         torch's FlopCounterMode sees, FLOPs = 2 x MACs) and `prefill`."""
         raise NotImplementedError
 
+    @classmethod
+    def shared_bytes(cls, cfg: HSTUConfig, hp: Any) -> int:
+        """Bytes kept once per model for all users (e.g. CollectiveKV's KV pool), all layers:
+        fleet memory = shared_bytes + users x per-user bytes. 0 unless a method shares state."""
+        return 0
+
 
 def register(cls: type[Method]) -> type[Method]:
     if cls.category not in CATEGORIES:

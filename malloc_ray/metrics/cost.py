@@ -107,7 +107,9 @@ def cost_table(profile: str, paper_compat: bool = False) -> list[dict]:
                "macs_per_request": cfg.num_layers * per_layer["request"] + 4 * cfg.d_model,
                "kv_bytes_per_user": cfg.num_layers * cls.memory_bytes(cfg, hp, n_cached, True),
                "kv_payload_bytes_per_user":
-                   cfg.num_layers * cls.memory_bytes(cfg, hp, n_cached, False)}
+                   cfg.num_layers * cls.memory_bytes(cfg, hp, n_cached, False),
+               # kept once per model, not per user (CollectiveKV's pool); 0 for the others
+               "shared_bytes": cls.shared_bytes(cfg, hp)}
         if paper_compat:
             compat = paper.get(name, {})
             row.update({"paper_compat_macs": compat.get("macs"),

@@ -1,7 +1,7 @@
 """`malloc-ray report STUDY_DIR`: tables, figures and `report.html` from the trials table alone.
 
 Nothing is re-trained or re-evaluated: everything comes from `trials.parquet` (rebuilt from the
-MLflow child runs if the file is gone) and `study.json` (provenance written when the study ran).
+result files, else the MLflow child runs, if the file is gone) and `study.json` (provenance written when the study ran).
 Output goes to `<study>/report/` — written to a temporary directory and swapped in, so a failed
 report never leaves a half-written one — and is logged under `report/` on the study's MLflow
 parent run.
@@ -18,10 +18,11 @@ from pathlib import Path
 import pandas as pd
 
 from malloc_ray.errors import InputError
-from malloc_ray.report import figures, page, tables
+from malloc_ray.report import figures, headline, page, tables
 from malloc_ray.study import pareto, provenance
 from malloc_ray.study.results import load_table, table_path
-from malloc_ray.study.tracking import ROLE_TAG, default_tracking_uri
+from malloc_ray.study.tracking import (ROLE_TAG, artifact_root_missing, open_study_store,
+                                       store_exists, study_tracking_uri)
 
 MLFLOW_UI = "http://127.0.0.1:5000"
 
@@ -49,15 +50,15 @@ def _provenance(study_dir: Path) -> dict:
 
 
 def _load(study_dir: Path, info: dict, tracking_uri: str | None) -> pd.DataFrame:
-    tracking = tracking_uri or (info.get("mlflow") or {}).get("tracking_uri") \
-        or default_tracking_uri(study_dir)
+    """`tracking_uri`: the study's store as it is now (`study_tracking_uri`), None with
+    --no-mlflow (the table, else the result files; MLflow is never opened)."""
     experiment = (info.get("mlflow") or {}).get("experiment") or info["name"]
-    can_rebuild = tracking_uri is not None or (study_dir / "mlflow.db").exists() \
-        or bool((info.get("mlflow") or {}).get("tracking_uri"))
-    if not table_path(study_dir).exists() and not can_rebuild:
-        raise InputError("no trials table and no MLflow store to rebuild it from; run the "
-                         "study first (malloc-ray study run SPEC)", file=str(table_path(study_dir)))
-    table = load_table(study_dir, tracking, experiment)
+    try:
+        table = load_table(study_dir, tracking_uri, experiment)
+    except FileNotFoundError:
+        raise InputError("no trials table, no result files and no MLflow store to rebuild it "
+                         "from; run the study first (malloc-ray study run SPEC)",
+                         file=str(table_path(study_dir))) from None
     if table.empty:
         raise InputError("the trials table has no rows", file=str(table_path(study_dir)))
     return table
@@ -73,27 +74,40 @@ def _write_tables(out: Path, all_tables: list[tables.Table]) -> list[Path]:
     return written
 
 
-def _sections(table, info, figs, all_t, failure_marks) -> list:
+def _seed_caption(summary: pd.DataFrame) -> str:
+    """How many ok seeds stand behind the points, for the figure captions."""
+    n = summary.loc[summary["n_ok"] > 0, "n_ok"]
+    if n.empty:
+        return "No point has an ok seed."
+    span = f"{int(n.min())}" if n.min() == n.max() else f"{int(n.min())}–{int(n.max())}"
+    return (f"Each point: mean over {span} ok seed(s) (n= in its label); error bars: 95% CI "
+            "(none with one seed).")
+
+
+def _sections(table, info, figs, all_t, failure_marks, findings, summary) -> list:
     t2, t3, t3p, t4, fail, failed, front, front_d, ds_table = all_t
+    seeds = _seed_caption(summary)
     datasets = sorted(table["dataset"].unique())
     mark_text = "; ".join(f"{m['dataset']}/{m['method']}@depth {m['depth']}: {m['statuses']}"
                           for m in failure_marks) or "none"
     conv = "".join(page.figure_html(figs[f"convergence_{ds}"], f"Convergence curves — {ds}")
                    for ds in datasets)
     return [
+        ("findings", "Findings", headline.findings_html(findings)),
         ("table2", "Accuracy (Table 2)", page.tables_html(t2)),
         ("table3", "Cost (Table 3)", page.tables_html([t3, *t3p])),
         ("table4", "Methods (Table 4)", page.tables_html([t4])),
         ("fig4", "Trade-off (Figure 4)",
          page.figure_html(figs["fig4_gauc_macs"], "GAUC vs MACs per request (log); bubble "
                           "area ∝ bytes per user (payload + metadata); faded points are "
-                          "dominated; the line is the GAUC × MACs Pareto front.")
+                          f"dominated; the line is the GAUC × MACs Pareto front. {seeds}")
          + page.figure_html(figs["pareto_gauc_bytes"], "GAUC vs bytes per user (payload + "
-                            "metadata); the line is the GAUC × bytes Pareto front.")),
+                            "metadata); the line is the GAUC × bytes Pareto front. "
+                            f"{seeds}")),
         ("pareto", "Pareto fronts", page.tables_html([front, front_d])),
         ("fig5", "Depth scaling (Figure 5)",
-         page.figure_html(figs["fig5_depth"], "GAUC and Logloss vs depth, mean ± std over ok "
-                          f"seeds; red ✗ = failed seed(s). Marked: {mark_text}.")),
+         page.figure_html(figs["fig5_depth"], "GAUC and Logloss vs depth, mean ± 95% CI over "
+                          f"ok seeds; red ✗ = failed seed(s). Marked: {mark_text}. {seeds}")),
         ("convergence", "Convergence", conv),
         ("failures", "Failures", page.tables_html([fail, failed])),
         ("reproducibility", "Reproducibility", page.repro_html(info, ds_table)),
@@ -107,6 +121,14 @@ def build_report(study_dir: str | Path, tracking_uri: str | None = None,
     if not study_dir.is_dir():
         raise InputError("no such study directory", file=str(study_dir))
     info = _provenance(study_dir)
+    # The store as the study directory is now (a moved study finds its own mlflow.db; a
+    # missing store is an error, never created); None with --no-mlflow.
+    tracking_uri = study_tracking_uri(study_dir, info, tracking_uri) if log_to_mlflow else None
+    if tracking_uri is not None and not (table_path(study_dir).exists() or store_exists(
+            tracking_uri) or (study_dir / "trials").is_dir()):
+        tracking_uri = None  # no study here at all: _load says so, and no store is created
+    if tracking_uri is not None:
+        open_study_store(tracking_uri, study_dir)
     table = _load(study_dir, info, tracking_uri)
     say(f"report: {len(table)} trials from {table_path(study_dir)}")
     summary = pareto.pareto_table(table)
@@ -132,7 +154,9 @@ def build_report(study_dir: str | Path, tracking_uri: str | None = None,
         say("report: drawing figures")
         figs = _figures(table, summary, tmp / "figures")
         fig_paths = {k: v for k, v in figs.items() if k != "_marks"}
-        sections = _sections(table, info, fig_paths, all_t, figs["_marks"])
+        findings = headline.dataset_findings(summary, info)
+        (tmp / "findings.md").write_text(headline.findings_markdown(findings))
+        sections = _sections(table, info, fig_paths, all_t, figs["_marks"], findings, summary)
         subtitle = (f"{len(table)} trials · {table['dataset'].nunique()} dataset(s) · "
                     f"{len(methods)} method(s) · depths {sorted(table['depth'].unique().tolist())}"
                     f" · built {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from the "
@@ -177,7 +201,7 @@ def _log_to_mlflow(final: Path, info: dict, study_dir: Path, tracking_uri: str |
     from mlflow.tracking import MlflowClient
 
     mlflow_info = info.get("mlflow") or {}
-    uri = tracking_uri or mlflow_info.get("tracking_uri") or default_tracking_uri(study_dir)
+    uri = tracking_uri or study_tracking_uri(study_dir, info)
     client = MlflowClient(uri)
     run_id = mlflow_info.get("parent_run_id")
     if run_id is None:
@@ -189,6 +213,11 @@ def _log_to_mlflow(final: Path, info: dict, study_dir: Path, tracking_uri: str |
             say(f"report: no MLflow parent run found in {uri}; artifacts not logged")
             return None
         run_id = parents[0].info.run_id
+    missing = artifact_root_missing(client, run_id, study_dir)
+    if missing:
+        say(f"report: the artifact location {missing} of MLflow run {run_id} does not exist; "
+            "artifacts not logged")
+        return None
     client.log_artifacts(run_id, str(final), artifact_path="report")
     say(f"report: logged as artifacts of MLflow run {run_id} (report/)")
     return run_id

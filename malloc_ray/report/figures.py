@@ -52,7 +52,8 @@ def _front_line(ax, points: pd.DataFrame, x: str) -> None:
 
 def tradeoff(summary: pd.DataFrame, path: Path, x: str = "macs_per_request",
              front: str = "front_gauc_macs", bubbles: bool = True) -> Path:
-    """GAUC vs cost per dataset; each point is a (method, depth) seed mean with ±std bars.
+    """GAUC vs cost per dataset; each point is a (method, depth) seed mean with its 95% CI as
+    error bar (none with one seed) and its seed count in the label.
     Dominated points are drawn faded, the front is connected. Bubble area ∝ bytes per user,
     payload + metadata (recompute methods, which keep no bytes, get the smallest bubble)."""
     datasets = sorted(summary["dataset"].unique())
@@ -66,14 +67,14 @@ def tradeoff(summary: pd.DataFrame, path: Path, x: str = "macs_per_request",
             size = 30 + 900 * math.sqrt(float(r["kv_bytes_per_user"] or 0) / max_bytes) \
                 if bubbles else 50
             on = bool(r[front])
-            std = 0.0 if pd.isna(r["gauc_std"]) else r["gauc_std"]
-            ax.errorbar(r[x], r["gauc"], yerr=std, fmt="none", ecolor=colors[r["label"]],
-                        alpha=0.8 if on else 0.3, zorder=2)
+            ci = 0.0 if pd.isna(r["gauc_ci95"]) else r["gauc_ci95"]
+            ax.errorbar(r[x], r["gauc"], yerr=ci, fmt="none", ecolor=colors[r["label"]],
+                        capsize=3, alpha=0.8 if on else 0.3, zorder=2)
             ax.scatter(r[x], r["gauc"], s=size, color=colors[r["label"]],
                        alpha=0.85 if on else 0.25, edgecolors="black" if on else "none",
                        zorder=3)
-            ax.annotate(f"{r['label']} d{r['depth']}", (r[x], r["gauc"]), fontsize=7,
-                        xytext=(4, 4), textcoords="offset points")
+            ax.annotate(f"{r['label']} d{r['depth']} n={int(r['n_ok'])}", (r[x], r["gauc"]),
+                        fontsize=7, xytext=(4, 4), textcoords="offset points")
         if part[front].any():
             _front_line(ax, part[part[front]], x)
         ax.set_xscale("symlog" if (part[x] <= 0).any() else "log")
@@ -85,7 +86,8 @@ def tradeoff(summary: pd.DataFrame, path: Path, x: str = "macs_per_request",
 
 
 def depth_scaling(summary: pd.DataFrame, path: Path) -> tuple[Path, list[dict]]:
-    """GAUC and Logloss vs depth per method (rows = datasets). A depth where any seed failed
+    """GAUC and Logloss vs depth per method (rows = datasets), 95% CI bars over ok seeds. A
+    depth where any seed failed
     gets a red ✗ labelled with the status: at the mean when some seeds are ok, on the bottom
     edge when none is. Returns the marks."""
     plt = pyplot()
@@ -99,7 +101,7 @@ def depth_scaling(summary: pd.DataFrame, path: Path) -> tuple[Path, list[dict]]:
             for method, rows in part.groupby("label", sort=True):
                 rows = rows.sort_values("depth")
                 ok = rows[rows["n_ok"] > 0]
-                ax.errorbar(ok["depth"], ok[metric], yerr=ok[f"{metric}_std"].fillna(0),
+                ax.errorbar(ok["depth"], ok[metric], yerr=ok[f"{metric}_ci95"].fillna(0),
                             marker="o", ms=4, capsize=3, color=colors[method], label=method)
             bottom = ax.get_ylim()[0]
             for _, r in part[part["n_failed"] > 0].iterrows():

@@ -20,6 +20,7 @@ p.note, p.caption { color: #555; font-size: 13px; } img { max-width: 100%; }
 nav a { margin-right: 1em; } pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; }
 dl { display: grid; grid-template-columns: max-content auto; gap: 2px 1em; font-size: 14px; }
 dt { font-weight: 600; }
+p.banner { background: #fdecea; border-left: 4px solid #d62728; padding: 0.6em 0.8em; }
 """
 
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from malloc_ray.study import provenance
-from malloc_ray.study.pareto import FRONTS
+from malloc_ray.study import provenance, stats
+from malloc_ray.study.pareto import FRONTS, native_learned
 
 STATUSES = ("ok", "diverged", "no_learning", "oom", "error")
 NATIVE = "native"
@@ -100,18 +100,36 @@ def _failed_suffix(row) -> str:
         if row["n_failed"] else ""
 
 
-def _best(values: np.ndarray, sense: str) -> np.ndarray:
-    finite = np.isfinite(values)
-    if not finite.any():
-        return finite
-    target = values[finite].max() if sense == "max" else values[finite].min()
-    return finite & np.isclose(values, target)
-
-
 # -- Table 2: accuracy -------------------------------------------------------------------------
+TABLE2_NOTE = ("Test metrics at the best-valid-AUC epoch over the seeds with status ok: mean ± "
+               "half-width of the t-based 95% confidence interval (1 seed: no interval). "
+               "ΔGAUC vs native is paired by seed (same dataset, depth and seed), with its own "
+               "95% interval; better / worse only when that interval excludes 0, else ≈. Bold: "
+               "best in its column, only when its interval does not overlap the runner-up's.")
+
+
+def _fmt_ci(mean, half_width) -> str:
+    if mean is None or pd.isna(mean):
+        return "–"
+    return f"{mean:.4f}" if pd.isna(half_width) else f"{mean:.4f} ± {half_width:.4f}"
+
+
+def _fmt_delta(row) -> str:
+    if row["method"] == NATIVE:
+        return "reference"
+    d, h = row["delta_gauc_vs_native"], row["delta_gauc_vs_native_ci95"]
+    if pd.isna(d):
+        return "n/a"
+    if pd.isna(h):
+        return f"{d:+.4f} (1 pair, n/a)"
+    return f"{d:+.4f} ± {h:.4f} {row['verdict_vs_native']}"
+
+
 def table2(summary: pd.DataFrame) -> list[Table]:
-    """One table per depth: rows = methods, per dataset AUC, GAUC, Logloss (mean ± std over ok
-    seeds), best per column bold, GAUC change relative to Native of the same dataset and depth."""
+    """One table per depth: rows = methods, per dataset AUC, GAUC, Logloss (mean ± 95% CI over
+    ok seeds), the seed count, and GAUC minus Native's paired by seed with its verdict — left
+    out for a dataset where Native did not learn."""
+    learned = native_learned(summary)
     out = []
     for depth, part in summary.groupby("depth", sort=True):
         methods = sorted(part["label"].unique(), key=lambda m: (m != NATIVE, m))
@@ -120,26 +138,24 @@ def table2(summary: pd.DataFrame) -> list[Table]:
         bold = pd.DataFrame(False, index=range(len(methods)), columns=["method"])
         for ds, rows in part.groupby("dataset", sort=True):
             rows = rows.set_index("label").reindex(methods)
-            native = rows["gauc"].get(NATIVE, np.nan)
             for metric, best in (("auc", "max"), ("gauc", "max"), ("logloss", "min")):
                 col = f"{ds} {metric.upper() if metric != 'logloss' else 'Logloss'}"
-                means, stds = rows[metric].to_numpy(float), rows[f"{metric}_std"].to_numpy(float)
-                display[col] = [fmt_mean_std(m, s) for m, s in zip(means, stds)]
-                raw[col], raw[col + " std"] = means, stds
-                bold[col] = _best(means, best)
-            delta = (rows["gauc"].to_numpy(float) / native - 1) * 100 if native == native else \
-                np.full(len(methods), np.nan)
-            col = f"{ds} ΔGAUC vs native"
-            display[col] = ["–" if not np.isfinite(d) else f"{d:+.2f}%" for d in delta]
-            raw[col] = delta
+                means, cis = rows[metric].to_numpy(float), rows[f"{metric}_ci95"].to_numpy(float)
+                display[col] = [_fmt_ci(m, h) for m, h in zip(means, cis)]
+                raw[col], raw[col + " ci95"] = means, cis
+                bold[col] = stats.separated_best(means, cis, best == "max")
             display[f"{ds} seeds ok"] = [
                 "–" if pd.isna(r["n_seeds"]) else f"{int(r['n_ok'])}/{int(r['n_seeds'])}"
                 + ("" if not r["n_failed"] else f" ({r['failed_statuses']})")
                 for _, r in rows.iterrows()]
+            if learned.get(ds, False):
+                col = f"{ds} ΔGAUC vs native"
+                display[col] = [_fmt_delta({**r, "method": m}) for m, r in rows.iterrows()]
+                raw[col] = rows["delta_gauc_vs_native"].to_numpy(float)
+                raw[col + " ci95"] = rows["delta_gauc_vs_native_ci95"].to_numpy(float)
+                raw[f"{ds} verdict vs native"] = rows["verdict_vs_native"].to_numpy()
         out.append(Table(f"table2_depth{depth}", f"Table 2 analog — accuracy at depth {depth}",
-                         display, raw, bold,
-                         note="Test metrics at the best-valid-AUC epoch; mean ± std over seeds "
-                              "with status ok. Bold: best in column."))
+                         display, raw, bold, note=TABLE2_NOTE))
     return out
 
 

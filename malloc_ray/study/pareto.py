@@ -14,6 +14,8 @@ import json
 import numpy as np
 import pandas as pd
 
+from malloc_ray.study import stats
+
 KEYS = ["dataset", "method", "depth"]
 METRICS = ["auc", "gauc", "logloss"]
 COSTS = ["macs_per_request", "kv_bytes_per_user", "kv_payload_bytes_per_user"]
@@ -78,11 +80,36 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
             row[col] = values.mean() if len(ok) else np.nan
             # One ok seed has no spread to report: NaN, not a misleading 0.
             row[f"{col}_std"] = values.std(ddof=0) if len(ok) > 1 else np.nan
+            row[f"{col}_ci95"] = stats.ci95(values)
         for col in COSTS:  # cost is a property of the configuration, not of the seed
             values = pd.to_numeric(cell[col], errors="coerce").astype(float)
             row[col] = values.mean() if values.notna().any() else np.nan
         rows.append(row)
-    return pd.DataFrame(rows)
+    return _with_deltas(pd.DataFrame(rows), table)
+
+
+def _with_deltas(summary: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """GAUC minus Native's, paired by seed, its 95% interval and the verdict it supports."""
+    deltas = stats.paired_deltas(table, "gauc").rename(columns={
+        "delta": "delta_gauc_vs_native", "delta_ci95": "delta_gauc_vs_native_ci95",
+        "n_pairs": "n_pairs_vs_native"})
+    summary = summary.merge(deltas, on=["dataset", "method", "hparams", "depth"], how="left")
+    summary["n_pairs_vs_native"] = summary["n_pairs_vs_native"].fillna(0).astype(int)
+    is_native = summary["method"] == stats.NATIVE
+    summary.loc[is_native, ["delta_gauc_vs_native", "delta_gauc_vs_native_ci95"]] = np.nan
+    summary["verdict_vs_native"] = [
+        "n/a" if native else stats.verdict(d, h)
+        for native, d, h in zip(is_native, summary["delta_gauc_vs_native"],
+                                summary["delta_gauc_vs_native_ci95"])]
+    return summary
+
+
+def native_learned(summary: pd.DataFrame) -> dict[str, bool]:
+    """Per dataset: whether Native has at least one `ok` seed (it learned) at some depth.
+    Where it has none, the study measured no method against it on that dataset."""
+    native = summary[summary["method"] == stats.NATIVE]
+    return {ds: bool((native[native["dataset"] == ds]["n_ok"] > 0).any())
+            for ds in sorted(summary["dataset"].unique())}
 
 
 def pareto_table(table: pd.DataFrame, per_depth: bool = False) -> pd.DataFrame:

@@ -128,19 +128,35 @@ def fmt_label_stream_auc(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def dataset_info(dirs: dict[str, str]) -> dict:
+def relative_to_study(path: str | Path, study_dir: str | Path | None) -> str:
+    """`path` relative to the study dir when it is inside it (a study is relocatable), else
+    as it is (a dataset prepared elsewhere)."""
+    if study_dir is None:
+        return str(path)
+    try:
+        return Path(path).resolve().relative_to(Path(study_dir).resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def dataset_info(dirs: dict[str, str], study_dir: str | Path | None = None) -> dict:
     from malloc_ray.data.prepare import read_meta
 
     out = {}
     for name, directory in dirs.items():
         meta = read_meta(directory)
-        out[name] = {"dir": str(directory), "dataset_id": meta.get("dataset_id"),
+        out[name] = {"dir": relative_to_study(directory, study_dir),
+                     "dataset_id": meta.get("dataset_id"),
                      "stats": meta.get("stats"), "source": meta.get("source")}
     return out
 
 
 def collect(spec, dirs: dict[str, str], tracking_uri: str, study_run=None,
             smoke_test: bool = False) -> dict:
+    """Paths inside the study directory are recorded relative to it (docs/study.md, "Moving a
+    study"): the MLflow store as `mlflow.store`, prepared datasets as `datasets.*.dir`."""
+    from malloc_ray.study.tracking import recorded_mlflow
+
     return {
         "name": spec.name,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -150,10 +166,10 @@ def collect(spec, dirs: dict[str, str], tracking_uri: str, study_run=None,
         "versions": versions(),
         "hardware": hardware(),
         "ray_cluster": ray_cluster(),
-        "datasets": dataset_info(dirs),
+        "datasets": dataset_info(dirs, spec.study_dir),
         "seeds": list(spec.seeds),
         "protocol": PROTOCOL,
-        "mlflow": {"tracking_uri": tracking_uri, "experiment": spec.name,
+        "mlflow": {**recorded_mlflow(tracking_uri, spec.study_dir), "experiment": spec.name,
                    "experiment_id": getattr(study_run, "experiment_id", None),
                    "parent_run_id": getattr(study_run, "parent_run_id", None)},
         "spec": json.loads(json.dumps(asdict(spec), default=str)),

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from malloc_ray.files import read_parquet
+
 COLUMNS = ["trial_id", "dataset", "dataset_id", "method", "category", "workflow", "depth",
            "seed", "status", "failed_epoch", "reason", "auc", "gauc", "logloss", "valid_auc",
            "best_epoch", "epochs_run", "kv_bytes_per_user", "kv_payload_bytes_per_user",
@@ -93,14 +95,29 @@ def write_table(table: pd.DataFrame, study_dir: str | Path) -> Path:
 
 def load_table(study_dir: str | Path, tracking_uri: str | None = None,
                experiment: str | None = None) -> pd.DataFrame:
-    """The study's trials table; rebuilt (and rewritten) from MLflow when the file is gone."""
+    """The study's trials table; when the file is gone (or holds no rows) it is rebuilt from
+    the per-cell result files, or, if those are lost too, from MLflow, and rewritten. A
+    rebuild that finds no trial is an error and saves nothing."""
     path = table_path(study_dir)
     if path.exists():
-        table = pd.read_parquet(path)
-        return table.rename(columns=RENAMED_BYTES) if OLD_TOTAL_BYTES in table else table
-    if tracking_uri is None or experiment is None:
-        raise FileNotFoundError(f"{path} is missing and no MLflow store was given to rebuild it")
-    table = table_from_mlflow(tracking_uri, experiment)
+        table = read_parquet(path).to_pandas()  # a corrupt file: an error naming it
+        if len(table):  # a 0-row file (older versions saved one) is rebuilt, never trusted
+            return table.rename(columns=RENAMED_BYTES) if OLD_TOTAL_BYTES in table else table
+    results = finished_results(study_dir)
+    if results:
+        table = build_table(list(results.values()))
+    elif tracking_uri is None or experiment is None:
+        raise FileNotFoundError(f"{path} is missing, there are no result files in "
+                                f"{Path(study_dir) / 'trials'} and no MLflow store was given to "
+                                "rebuild it")
+    else:
+        table = table_from_mlflow(tracking_uri, experiment)
+    if table.empty:
+        from malloc_ray.errors import InputError
+
+        raise InputError("no trials to rebuild the trials table from (no result files, no "
+                         f"MLflow child runs of experiment {experiment!r}); nothing was saved",
+                         file=str(path))
     write_table(table, study_dir)
     return table
 

@@ -22,15 +22,16 @@ import pandas as pd
 
 from malloc_ray.config import TrialConfig, config_hash
 from malloc_ray.data.prepare import prepare, read_meta
-from malloc_ray.errors import InputError
 from malloc_ray.methods import get_method
 from malloc_ray.study import provenance
 from malloc_ray.study import results as results_mod
 from malloc_ray.study.resources import estimate_peak_bytes, trial_resources
-from malloc_ray.study.spec import Cell, StudySpec, expand_cells, smoke_spec
-from malloc_ray.study.trainable import checkpoint_path
+from malloc_ray.study.spec import (DISTRIBUTIONS, Cell, StudySpec, check_files, dataset_dir,
+                                   expand_cells, smoke_spec)
+from malloc_ray.study.trainable import checkpoint_path, reconcile_study
 from malloc_ray.study.storage import check_cluster_storage, tune_storage_path
-from malloc_ray.study.tracking import finish_study_run, resolve_tracking_uri, start_study_run
+from malloc_ray.study.tracking import (check_study_store, finish_study_run, resolve_tracking_uri,
+                                       start_study_run)
 
 SMOKE_DATA = {"users": 120, "max_len": 48}  # caps for synthetic recipes under --smoke-test
 
@@ -44,27 +45,20 @@ def prepare_datasets(spec: StudySpec, smoke_test: bool) -> dict[str, str]:
     """Dataset key -> prepared directory; recipes are prepared once and reused after."""
     dirs = {}
     for ds in spec.datasets:
+        out = dataset_dir(spec, ds)  # a prepared dir was checked by check_files
         if ds.path:
-            path = Path(ds.path).expanduser()
-            if not path.is_absolute() and spec.source_file:
-                path = (Path(spec.source_file).parent / path)
-            read_meta(path.resolve())  # fails early, naming the file, if it is not a dataset
-            dirs[ds.name] = str(path.resolve())
+            dirs[ds.name] = str(out)
             continue
         recipe = dict(ds.prepare)
         if smoke_test and recipe.get("source") == "synthetic":
             for key, cap in SMOKE_DATA.items():
                 recipe[key] = min(recipe.get(key, cap), cap)
-        out = spec.study_dir / "data" / ds.name
         stamp = out.parent / f"{ds.name}.recipe.json"
         if out.exists() and stamp.exists() and json.loads(stamp.read_text()) == recipe:
             log(f"dataset {ds.name}: reusing {out}")
         else:
             log(f"dataset {ds.name}: preparing {recipe}")
-            source = recipe.pop("source", None)
-            if source is None:
-                raise InputError("a prepare recipe needs 'source'", file=spec.source_file,
-                                 key=f"datasets.{ds.name}.prepare")
+            source = recipe.pop("source")  # the spec's check made sure there is one
             prepare(source, out, overwrite=True, progress=lambda m: log(f"  {m}"), **recipe)
             stamp.write_text(json.dumps({"source": source, **recipe}))
         dirs[ds.name] = str(out.resolve())
@@ -113,12 +107,13 @@ def cell_records(spec: StudySpec, cells: list[Cell], device_bytes: int | None) -
 def init_ray() -> None:
     import ray
 
+    from malloc_ray.ray_local import ensure_ray
+
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()  # inside `ray job submit`: never pass num_cpus to an existing cluster
-    else:
-        ray.init(include_dashboard=False, log_to_driver=False)
+    # RAY_ADDRESS (inside `ray job submit`): a plain ray.init(), never num_cpus; else a local
+    # Ray that listens on 127.0.0.1 only (malloc_ray/ray_local.py).
+    ensure_ray(log_to_driver=False)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -216,19 +211,14 @@ def run_phase(name: str, spec: StudySpec, records: list[dict], study, samples) -
 
 
 # -- Optuna search ----------------------------------------------------------------------------
-DISTRIBUTIONS = ("uniform", "loguniform", "choice", "randint", "quniform")
-
-
 def search_space(spec: StudySpec, methods: list[str]) -> dict:
     """Tune search space: method and depth as choices, plus the spec's `search.space`
-    ({trial key: {distribution: args}}, e.g. {lr: {loguniform: [1e-4, 1e-2]}})."""
+    ({trial key: {distribution: args}}, e.g. {lr: {loguniform: [1e-4, 1e-2]}}; one of
+    DISTRIBUTIONS, checked with the spec)."""
     from ray import tune
 
     space = {"method": tune.choice(methods), "depth": tune.choice(spec.depths)}
     for key, dist in spec.search.space.items():
-        if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
-            raise InputError(f"expected {{one of {', '.join(DISTRIBUTIONS)}: args}}",
-                             file=spec.source_file, key=f"search.space.{key}")
         (name, args), = dist.items()
         space[key] = getattr(tune, name)(args) if name == "choice" else getattr(tune, name)(*args)
     return space
@@ -327,11 +317,13 @@ def run_study(spec: StudySpec, smoke_test: bool = False, retry_failed: bool = Fa
         spec = smoke_spec(spec)  # the spec's own smoke section, if it has one
     # Absolute from here on: trials run in Tune's per-trial working directories.
     spec.output_dir = str(Path(spec.output_dir).expanduser().resolve())
+    check_files(spec)  # bad input stops here, before Ray starts or anything is written
     study_dir = spec.study_dir
-    study_dir.mkdir(parents=True, exist_ok=True)
     tracking_uri = resolve_tracking_uri(spec.mlflow_tracking_uri, study_dir)
+    check_study_store(tracking_uri, study_dir)  # a study with results never gets an empty store
     init_ray()  # first: a multi-node cluster without shared storage stops before any work
     check_cluster_storage(spec, tracking_uri)
+    study_dir.mkdir(parents=True, exist_ok=True)
     dirs = prepare_datasets(spec, smoke_test)
     if spec.search.mode == "optuna":
         return run_search_study(spec, dirs, tracking_uri, smoke_test)
@@ -346,6 +338,7 @@ def run_study(spec: StudySpec, smoke_test: bool = False, retry_failed: bool = Fa
         f"{len(todo)} to run; MLflow: {tracking_uri}")
     study = start_study_run(tracking_uri, spec.name, study_dir, params=study_params(spec, dirs))
     provenance.write(study_dir, provenance.collect(spec, dirs, tracking_uri, study, smoke_test))
+    reconcile_study(study, study_dir, log)  # what a killed driver left: one child run per cell
     status = "FAILED"
     try:
         samples = materialize_samples(todo)
@@ -355,11 +348,12 @@ def run_study(spec: StudySpec, smoke_test: bool = False, retry_failed: bool = Fa
         status = "FINISHED"
     finally:
         finish_study_run(study, status)
+    reconcile_study(study, study_dir, log)  # trials that crashed between result and run finish
     done = results_mod.finished_results(study_dir)
     missing = [r["name"] for r in records if r["trial_id"] not in done]
     table = results_mod.build_table([done[r["trial_id"]] for r in records
                                      if r["trial_id"] in done])
-    path = results_mod.write_table(table, study_dir)
+    path = results_mod.write_table(table, study_dir) if len(table) else "not written"
     log(f"trials table: {path} ({len(table)} rows"
         + (f"; {len(missing)} cells did not finish: {missing}" if missing else "") + ")")
     return table
@@ -372,13 +366,15 @@ def run_search_study(spec: StudySpec, dirs: dict[str, str], tracking_uri: str,
                             params=study_params(spec, dirs))
     provenance.write(spec.study_dir, provenance.collect(spec, dirs, tracking_uri, study,
                                                         smoke_test))
+    reconcile_study(study, spec.study_dir, log)
     status = "FAILED"
     try:
         run_optuna(spec, dirs, study, smoke_test)
         status = "FINISHED"
     finally:
         finish_study_run(study, status)
+    reconcile_study(study, spec.study_dir, log)
     table = results_mod.build_table(list(results_mod.finished_results(spec.study_dir).values()))
-    path = results_mod.write_table(table, spec.study_dir)
+    path = results_mod.write_table(table, spec.study_dir) if len(table) else "not written"
     log(f"trials table: {path} ({len(table)} rows)")
     return table

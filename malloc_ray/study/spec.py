@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from malloc_ray.config import TrialConfig
+from malloc_ray.config import TrialConfig, has_type
 from malloc_ray.errors import InputError
+from malloc_ray.files import check_name, check_writable_dir, load_yaml
 
 CELL_KEYS = ("dataset", "method", "depth", "seed", "hparams")  # set by the grid, not `trial`
 SEARCH_MODES = ("grid", "optuna")
@@ -32,6 +32,8 @@ SEARCH_MODES = ("grid", "optuna")
 # optimising it rewards moving state into metadata.
 OBJECTIVES = {"auc": "max", "gauc": "max", "logloss": "min",
               "kv_bytes_per_user": "min", "macs_per_request": "min"}
+# search.space: {trial key: {distribution: [args]}}, with this many args (choice: any number)
+DISTRIBUTIONS = {"uniform": 2, "loguniform": 2, "choice": None, "randint": 2, "quniform": 3}
 
 
 def _check_keys(raw: Any, allowed: set[str], where: str, file: str | None) -> dict:
@@ -98,14 +100,7 @@ class StudySpec:
 
 
 def load_spec(path: str | Path) -> StudySpec:
-    file = str(path)
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise InputError(f"cannot read study spec: {exc.strerror}", file=file) from exc
-    except yaml.YAMLError as exc:
-        raise InputError(f"not valid YAML: {exc}", file=file) from exc
-    return parse_spec(raw, file=file)
+    return parse_spec(load_yaml(path, "study spec"), file=str(path))
 
 
 def parse_spec(raw: Any, file: str | None = None) -> StudySpec:
@@ -131,12 +126,21 @@ def parse_spec(raw: Any, file: str | None = None) -> StudySpec:
 
 
 def _parse_datasets(raw: Any, where: str, file: str | None) -> list[DatasetSpec]:
+    if not isinstance(raw, dict) or not raw:
+        raise InputError("must be a non-empty mapping of dataset key -> {path: DIR} or "
+                         f"{{prepare: RECIPE}}, got {raw!r}", file=file, key=where)
     datasets = []
-    for name, ds in _check_keys(raw, set(raw or {}), where, file).items():
+    for name, ds in raw.items():
+        check_name(name, where, file)  # the key names <study>/data/<key>
         ds = _check_keys(ds, {"path", "prepare"}, f"{where}.{name}", file)
         if bool(ds.get("path")) == bool(ds.get("prepare")):
             raise InputError("give exactly one of 'path' or 'prepare'", file=file,
                              key=f"{where}.{name}")
+        for key, kind, what in (("path", str, "a directory path"),
+                                ("prepare", dict, "a mapping {source: ..., options}")):
+            if ds.get(key) is not None and not isinstance(ds[key], kind):
+                raise InputError(f"must be {what}, got {ds[key]!r}", file=file,
+                                 key=f"{where}.{name}.{key}")
         datasets.append(DatasetSpec(name=name, **ds))
     return datasets
 
@@ -179,35 +183,153 @@ def smoke_spec(spec: StudySpec) -> StudySpec:
     return out
 
 
+def _int(low: int):
+    return lambda v: has_type(v, int) and v >= low
+
+
+def _ints(low: int):
+    return lambda v: isinstance(v, list) and bool(v) and all(map(_int(low), v))
+
+
+def _mapping(v) -> bool:
+    return isinstance(v, dict)
+
+
+def _number(low: float, high: float = float("inf")):
+    return lambda v: has_type(v, float) and low < v <= high
+
+
+# (key, test, what it must be): every top-level value's type and range; `key` is also the
+# StudySpec attribute path, except where _ATTRS says otherwise.
+_FIELDS = (
+    ("methods", lambda v: isinstance(v, list) and bool(v) and all(isinstance(m, str) for m in v),
+     "a non-empty list of method names"),
+    ("depths", _ints(1), "a non-empty list of positive integers"),
+    ("seeds", _ints(0), "a non-empty list of integers >= 0"),
+    ("trial", _mapping, "a mapping of trial config keys"),
+    ("hparams", lambda v: _mapping(v) and all(map(_mapping, v.values())),
+     "a mapping of method -> {hyperparameter: value}"),
+    ("overrides", lambda v: isinstance(v, list) and all(map(_mapping, v)),
+     "a list of {match: ..., set: ...} rules"),
+    ("output_dir", lambda v: isinstance(v, str) and bool(v), "a directory path"),
+    ("storage_path", lambda v: v is None or isinstance(v, str), "a path or a URI string"),
+    ("shared_storage", lambda v: isinstance(v, bool), "true or false"),
+    ("mlflow.tracking_uri", lambda v: v is None or isinstance(v, str), "a URI string"),
+    ("search.mode", lambda v: v in SEARCH_MODES, f"one of {', '.join(SEARCH_MODES)}"),
+    ("search.num_samples", _int(1), "a positive integer"),
+    ("search.space", _mapping, "a mapping of trial key -> {distribution: [args]}"),
+    ("search.objectives", lambda v: isinstance(v, list) and bool(v) and all(
+        isinstance(o, str) and o in OBJECTIVES for o in v),
+     f"a non-empty list of objectives ({', '.join(OBJECTIVES)})"),
+    ("search.seed", _int(0), "an integer >= 0"),
+    ("resources.cpus_per_trial", _number(0), "a number > 0"),
+    ("resources.gpus", lambda v: v == "auto" or (has_type(v, float) and v >= 0),
+     "'auto' or a number >= 0"),
+    ("resources.max_concurrent_trials", lambda v: v is None or _int(1)(v),
+     "a positive integer or null"),
+    ("resources.gpu_fraction_step", _number(0, 1), "a number in (0, 1]"),
+)
+_ATTRS = {"mlflow.tracking_uri": "mlflow_tracking_uri"}
+
+
 def _validate(spec: StudySpec, file: str | None) -> None:
+    """The one check of a whole spec, run before anything is written or Ray starts: types and
+    ranges, names, methods and their hparams, overrides, the search space, prepare recipes,
+    and every cell's resolved TrialConfig."""
+    from malloc_ray.data.prepare import check_recipe
     from malloc_ray.methods import get_method
 
+    for key, test, what in _FIELDS:
+        value = operator.attrgetter(_ATTRS.get(key, key))(spec)
+        if not test(value):
+            raise InputError(f"must be {what}, got {value!r}", file=file, key=key)
+    check_name(spec.name, "name", file)  # the study dir and Tune's experiment dirs
     trial_keys = {f.name for f in dataclasses.fields(TrialConfig)} - set(CELL_KEYS)
     _check_keys(spec.trial, trial_keys, "trial", file)
     for name in spec.methods:
-        get_method(name)
+        _at("methods", file, lambda: get_method(name), sub=False)
     for name, hp in spec.hparams.items():
         if name not in spec.methods:
             raise InputError("hyperparameters for a method the study does not run", file=file,
                              key=f"hparams.{name}")
-        get_method(name).parse_hparams(hp)
+        _at(f"hparams.{name}", file, lambda: get_method(name).parse_hparams(hp))
     for i, rule in enumerate(spec.overrides):
         rule = _check_keys(rule, {"match", "set"}, f"overrides[{i}]", file)
         _check_keys(rule.get("match"), set(CELL_KEYS) - {"hparams"}, f"overrides[{i}].match", file)
         _check_keys(rule.get("set"), trial_keys, f"overrides[{i}].set", file)
-    if spec.search.mode not in SEARCH_MODES:
-        raise InputError(f"must be one of {SEARCH_MODES}", file=file, key="search.mode")
-    for objective in spec.search.objectives:
-        if objective not in OBJECTIVES:
-            raise InputError(f"unknown objective; known: {', '.join(OBJECTIVES)}", file=file,
-                             key="search.objectives")
-    if not isinstance(spec.shared_storage, bool):
-        raise InputError("must be true or false", file=file, key="shared_storage")
-    if spec.storage_path is not None and not isinstance(spec.storage_path, str):
-        raise InputError("must be a path or a URI string", file=file, key="storage_path")
-    for key, value in (("depths", spec.depths), ("seeds", spec.seeds)):
-        if not value or not all(isinstance(v, int) for v in value):
-            raise InputError("must be a non-empty list of integers", file=file, key=key)
+    _check_space(spec.search.space, trial_keys | {"method", "depth"}, file)
+    for ds in spec.datasets:
+        if ds.prepare:
+            _at(f"datasets.{ds.name}.prepare", file, lambda: check_recipe(ds.prepare))
+    _check_cells(spec, file)
+
+
+def _check_space(space: dict, keys: set[str], file: str | None) -> None:
+    for key, dist in space.items():
+        if key not in keys:
+            raise InputError(f"not a trial key; known: {', '.join(sorted(keys))}", file=file,
+                             key=f"search.space.{key}")
+        ok = _mapping(dist) and len(dist) == 1 and next(iter(dist)) in DISTRIBUTIONS
+        if ok:
+            (name, args), = dist.items()
+            ok = isinstance(args, list) and bool(args) and DISTRIBUTIONS[name] in (None, len(args))
+        if not ok:
+            raise InputError(f"expected {{one of {', '.join(DISTRIBUTIONS)}: [args]}} (uniform, "
+                             "loguniform, randint: [low, high]; quniform: [low, high, q]; "
+                             "choice: [values])", file=file, key=f"search.space.{key}")
+
+
+def _check_cells(spec: StudySpec, file: str | None) -> None:
+    """Every cell's config, built as the run builds it (placeholder dataset dirs): a bad value
+    from `trial` or an override fails now, not as an `error` row in every cell."""
+    try:
+        expand_cells(spec, {d.name: d.name for d in spec.datasets})
+    except InputError as exc:
+        where = next((f"overrides[{i}].set" for i, r in enumerate(spec.overrides)
+                      if exc.key in (r.get("set") or {})), "trial")
+        raise InputError(exc.message, file=file,
+                         key=f"{where}.{exc.key}" if exc.key else where) from None
+
+
+def _at(key: str, file: str | None, call, sub: bool = True):
+    """`call()`; an InputError it raises is raised again located in the spec under `key`,
+    plus the error's own key when `sub` (unless `key` already names it)."""
+    try:
+        return call()
+    except InputError as exc:
+        message = str(exc) if exc.file is not None or exc.row is not None else exc.message
+        if sub and exc.key and exc.key not in key.split("."):
+            key = f"{key}.{exc.key}"
+        raise InputError(message, file=file, key=key) from None
+
+
+def dataset_dir(spec: StudySpec, ds: DatasetSpec) -> Path:
+    """Where dataset `ds` is prepared: its `path` (relative to the spec's file), else
+    <study>/data/<key>."""
+    if not ds.path:
+        return spec.study_dir / "data" / ds.name
+    path = Path(ds.path).expanduser()
+    if not path.is_absolute() and spec.source_file:
+        path = Path(spec.source_file).parent / path
+    return path.resolve()
+
+
+def check_files(spec: StudySpec) -> None:
+    """What the spec names on disk, checked before a study creates anything: prepared
+    datasets are dataset dirs, recipe inputs exist (unless already prepared), and the study
+    dir can be written. (The spec's own values were checked when it was parsed.)"""
+    from malloc_ray.data.prepare import read_meta
+
+    for ds in spec.datasets:
+        if ds.path:
+            _at(f"datasets.{ds.name}.path", spec.source_file,
+                lambda: read_meta(dataset_dir(spec, ds)))
+        elif "path" in ds.prepare and not dataset_dir(spec, ds).exists() \
+                and not Path(str(ds.prepare["path"])).expanduser().exists():
+            raise InputError(f"no such file or directory: {ds.prepare['path']!r} (recipe paths "
+                             "are relative to the directory you run from)",
+                             file=spec.source_file, key=f"datasets.{ds.name}.prepare.path")
+    check_writable_dir(spec.study_dir, key="output_dir", file=spec.source_file)
 
 
 @dataclass

@@ -3,6 +3,19 @@
 The driver creates the experiment and the parent run before any trial starts: several trial
 processes initialising a fresh sqlite store at once race in its schema migration. Trials then
 log through `MlflowClient` with the URI passed explicitly, never through global state.
+
+Exactly one child run per cell, whatever is killed when: the cell's result file
+(`<study>/trials/<id>.json`) is the truth and names its run (`mlflow_run_id`). A trial deletes
+the other child runs of its cell when it starts and again once its run is finished, and the
+driver reconciles MLflow with the result files before and after every run of the study
+(`reconcile_children`): the run a result names is finished from the result if a crash left it
+RUNNING, re-created if it is gone, and every other child run of that cell is deleted.
+
+A study directory is relocatable (docs/study.md, "Moving a study"): its default store is
+`<study>/mlflow.db`, found from the study directory as it is now, and MLflow's absolute
+artifact locations (`file:///<where it was>/mlartifacts/...`) are rewritten to the study's
+current `mlartifacts/` when the store is opened from a study that has moved
+(`relocate_artifacts`). A sqlite store that is missing is an error, never created empty.
 """
 
 from __future__ import annotations
@@ -13,7 +26,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from malloc_ray.errors import InputError
+
 ROLE_TAG, STUDY_TAG = "malloc.role", "malloc.study"
+STORE_NAME, ARTIFACTS_NAME = "mlflow.db", "mlartifacts"  # the default store, in the study dir
 CHILD_TAGS = ("method", "category", "workflow", "depth", "seed", "dataset_id", "config_hash",
               "status")
 FINAL_METRICS = ("auc", "gauc", "logloss", "valid_auc", "best_epoch", "epochs_run",
@@ -37,7 +53,151 @@ def use_tracking_uri(uri: str) -> None:
 
 
 def default_tracking_uri(study_dir: Path) -> str:
-    return f"sqlite:///{Path(study_dir).resolve() / 'mlflow.db'}"
+    return f"sqlite:///{Path(study_dir).resolve() / STORE_NAME}"
+
+
+def sqlite_store_path(uri: str | None) -> Path | None:
+    """The database file of a `sqlite:///` tracking URI; None for any other store."""
+    if not uri or not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):].split("?", 1)[0])
+
+
+def store_in_study(uri: str | None, study_dir: Path) -> str | None:
+    """The store's path relative to the study dir when it is a sqlite file inside it."""
+    path = sqlite_store_path(uri)
+    if path is None:
+        return None
+    try:
+        return path.resolve().relative_to(Path(study_dir).resolve()).as_posix()
+    except ValueError:
+        return None
+
+
+def recorded_mlflow(tracking_uri: str, study_dir: Path) -> dict:
+    """What study.json records of the store: relative to the study dir when it is inside it
+    (`store`), the URI otherwise: nothing in a study directory names where it used to be."""
+    store = store_in_study(tracking_uri, study_dir)
+    if store is not None:
+        return {"store": store, "artifact_root": ARTIFACTS_NAME, "tracking_uri": None}
+    return {"store": None, "tracking_uri": tracking_uri}
+
+
+def study_tracking_uri(study_dir: Path, info: dict | None = None,
+                       override: str | None = None) -> str:
+    """The tracking URI of an existing study, from the study directory as it is now.
+
+    `override` (--mlflow-tracking-uri) wins; else the store recorded relative to the study dir;
+    else a recorded URI (an MLflow server, or a sqlite file outside the study). A study.json
+    written before stores were recorded relative holds the absolute URI of the place it ran
+    in: a sqlite file inside that old study dir is taken from the current one instead."""
+    study_dir = Path(study_dir).resolve()
+    if override:
+        return override
+    mlflow_info = (info or {}).get("mlflow") or {}
+    if mlflow_info.get("store"):
+        return f"sqlite:///{study_dir / mlflow_info['store']}"
+    uri = mlflow_info.get("tracking_uri")
+    if not uri:
+        return default_tracking_uri(study_dir)
+    path, spec = sqlite_store_path(uri), (info or {}).get("spec") or {}
+    if path is not None and spec.get("output_dir") and spec.get("name"):
+        old_dir = Path(spec["output_dir"]) / spec["name"]
+        try:
+            return f"sqlite:///{study_dir / path.relative_to(old_dir)}"
+        except ValueError:
+            pass
+    return uri
+
+
+def store_exists(uri: str) -> bool:
+    """False only for a sqlite store whose file is not there (other stores: not checked)."""
+    path = sqlite_store_path(uri)
+    return path is None or path.is_file()
+
+
+def require_store(uri: str, what: str = "the study's MLflow store",
+                  hint: str = "pass --mlflow-tracking-uri with where it is now") -> None:
+    """A sqlite store that is not there is an error: opening it would create an empty one."""
+    if not store_exists(uri):
+        raise InputError(f"{what} is missing (a moved study takes its {STORE_NAME} along); "
+                         f"{hint}", file=str(sqlite_store_path(uri)))
+
+
+def check_study_store(tracking_uri: str, study_dir: Path) -> None:
+    """A study that has finished cells has a store: if its sqlite file is not there (a study
+    copied without its mlflow.db, a URI that names the old place), stop, naming it."""
+    if any((Path(study_dir) / "trials").glob("*.json")):
+        require_store(tracking_uri, "the MLflow store of this study (it has finished cells)")
+
+
+def relocate_artifacts(tracking_uri: str, study_dir: Path) -> int:
+    """Point a moved study's MLflow artifact locations at its current `mlartifacts/`.
+
+    MLflow records absolute artifact URIs (experiment and runs). When the store is the sqlite
+    file inside the study directory and the study has moved (or been copied), those URIs name
+    the old place: anything logged, and what the UI shows, would go there. They are rewritten
+    in place to the same paths under the current study directory. Only locations of this
+    study's own layout (`.../mlartifacts`) are touched; other stores are left alone. Returns
+    the number of experiments rewritten."""
+    import sqlite3
+    from contextlib import closing
+
+    if store_in_study(tracking_uri, study_dir) is None:
+        return 0
+    path = sqlite_store_path(tracking_uri)
+    if not path.is_file():
+        return 0
+    new_root = (Path(study_dir).resolve() / ARTIFACTS_NAME).as_uri()
+    moved = 0
+    with closing(sqlite3.connect(str(path), timeout=60)) as db, db:  # one transaction
+        tables = {r[0] for r in db.execute("select name from sqlite_master where type='table'")}
+        if not {"experiments", "runs"} <= tables:
+            return 0
+        # the columns that hold absolute artifact URIs below an experiment's root
+        children = [("runs", "artifact_uri")] + (
+            [("logged_models", "artifact_location")] if "logged_models" in tables else [])
+        rows = db.execute("select experiment_id, artifact_location from experiments").fetchall()
+        for experiment_id, old_root in rows:
+            old_root = (old_root or "").rstrip("/")
+            if (old_root == new_root or not old_root.startswith("file:")
+                    or not old_root.endswith("/" + ARTIFACTS_NAME)):
+                continue
+            db.execute("update experiments set artifact_location = ? where experiment_id = ?",
+                       (new_root, experiment_id))
+            for table, column in children:
+                db.execute(f"update {table} set {column} = ? || substr({column}, ?) "
+                           f"where experiment_id = ? and substr({column}, 1, ?) = ?",
+                           (new_root, len(old_root) + 1, experiment_id, len(old_root) + 1,
+                            old_root + "/"))
+            moved += 1
+    return moved
+
+
+def artifact_root_missing(client, run_id: str, study_dir: Path) -> str | None:
+    """The local artifact root of a run when it is outside the study dir and gone (a store
+    opened away from where it ran): logging there would create it. None when fine."""
+    from urllib.parse import unquote, urlparse
+
+    run = client.get_run(run_id)
+    root = client.get_experiment(run.info.experiment_id).artifact_location or ""
+    if not root.startswith("file:"):
+        return None
+    path = Path(unquote(urlparse(root).path))
+    try:
+        path.resolve().relative_to(Path(study_dir).resolve())
+        return None
+    except ValueError:
+        return None if path.is_dir() else str(path)
+
+
+def open_study_store(tracking_uri: str, study_dir: Path) -> None:
+    """What a reader of a finished study (the report) does before it touches MLflow: the store
+    must exist (else a one-line error, never an empty store at the old place), and a moved
+    study's artifact locations are pointed at its current directory."""
+    require_store(tracking_uri, hint="pass --mlflow-tracking-uri with where it is now, or "
+                                     "--no-mlflow to build the report without MLflow")
+    relocate_artifacts(tracking_uri, study_dir)
 
 
 def resolve_tracking_uri(spec_uri: str | None, study_dir: Path) -> str:
@@ -60,6 +220,7 @@ def start_study_run(tracking_uri: str, study_name: str, study_dir: Path,
     """Experiment + parent run, reusing the parent of an earlier run of the same study."""
     from mlflow.tracking import MlflowClient
 
+    relocate_artifacts(tracking_uri, study_dir)  # a moved study logs into its own directory
     use_tracking_uri(tracking_uri)  # creates/migrates the store once, in the driver
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(study_name)
@@ -73,11 +234,14 @@ def start_study_run(tracking_uri: str, study_name: str, study_dir: Path,
     if parents:
         parent_id = parents[0].info.run_id
         client.update_run(parent_id, status="RUNNING")
+        logged = parents[0].data.params
     else:
         parent = client.create_run(experiment_id, run_name=study_name,
                                    tags={ROLE_TAG: "study", STUDY_TAG: study_name})
-        parent_id = parent.info.run_id
-        for key, value in (params or {}).items():
+        parent_id, logged = parent.info.run_id, {}
+    # Only what the parent lacks (a driver killed right after creating it logged none).
+    for key, value in (params or {}).items():
+        if key not in logged:
             client.log_param(parent_id, key, str(value)[:6000])
     return StudyRun(tracking_uri, experiment_id, parent_id)
 
@@ -93,11 +257,15 @@ class ChildRun:
     `params` are logged beside the config's fields (facts about the cell's data, not config)."""
 
     def __init__(self, run: StudyRun, name: str, tags: dict, config: dict,
-                 params: dict | None = None):
+                 params: dict | None = None, keep: str | None = None):
+        """`keep`: the run the cell's current result file names (a re-run of a failed cell):
+        it stays until this run has replaced it (`drop_others`)."""
         from mlflow.tracking import MlflowClient
 
-        self.client = MlflowClient(run.tracking_uri)
-        self._drop_unfinished(run, tags["config_hash"])
+        self.client, self.study, self.config_hash = (MlflowClient(run.tracking_uri), run,
+                                                     tags["config_hash"])
+        # Attempts a killed driver (or a crashed trial) left behind: each cell keeps one run.
+        self.drop_others(keep=keep)
         all_tags = {"mlflow.parentRunId": run.parent_run_id, ROLE_TAG: "trial",
                     **{k: str(v) for k, v in tags.items()}}
         self.run_id = self.client.create_run(run.experiment_id, run_name=name,
@@ -107,14 +275,12 @@ class ChildRun:
                                   else str(value))
         self.log_json(config, "config.json")
 
-    def _drop_unfinished(self, run: StudyRun, config_hash: str) -> None:
-        # A cell interrupted by a killed driver left a RUNNING child; its restart replaces it,
-        # so each cell keeps exactly one child run.
-        stale = self.client.search_runs(
-            [run.experiment_id],
-            filter_string=f"tags.config_hash = '{config_hash}' and attributes.status != 'FINISHED'")
-        for old in stale:
-            self.client.delete_run(old.info.run_id)
+    def drop_others(self, keep: str | None = None) -> None:
+        """Delete every other child run of this cell (any status), except `keep`."""
+        mine = {getattr(self, "run_id", None), keep}
+        for old in cell_runs(self.client, self.study.experiment_id, self.config_hash):
+            if old.info.run_id not in mine:
+                self.client.delete_run(old.info.run_id)
 
     def log_epoch(self, record: dict) -> None:
         from mlflow.entities import Metric
@@ -159,8 +325,99 @@ class ChildRun:
         if result.get("reason"):
             self.client.set_tag(self.run_id, "reason", str(result["reason"])[:5000])
         self.log_json(result, "result.json")
-        self.client.set_terminated(self.run_id, status="FINISHED" if result["status"] != "error"
-                                   else "FAILED")
+        self.client.set_terminated(self.run_id, status=terminal_status(result))
+
+
+def terminal_status(result: dict) -> str:
+    """The MLflow status of a finished cell's child run."""
+    return "FAILED" if result["status"] == "error" else "FINISHED"
+
+
+def cell_runs(client, experiment_id: str, config_hash: str | None = None) -> list:
+    """The study's active child runs (of one cell when `config_hash` is given), all pages."""
+    query = f"tags.`{ROLE_TAG}` = 'trial'"
+    if config_hash is not None:
+        query += f" and tags.config_hash = '{config_hash}'"
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=query, max_results=1000,
+                                  page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+class _Existing(ChildRun):
+    """A child run that already exists (reconcile finishes it from its result file)."""
+
+    def __init__(self, client, run: StudyRun, run_id: str, config_hash: str):
+        self.client, self.study, self.config_hash, self.run_id = client, run, config_hash, run_id
+
+
+def reconcile_children(run: StudyRun, results: dict[str, dict], write_result=None) -> dict:
+    """Make MLflow agree with the result files: one terminal child run per finished cell.
+
+    For each result, the run it names is kept: finished from the result when a crash left it
+    RUNNING (the result file is written before the run is finished), restored if deleted, and
+    re-created from the result when it is gone from the store (the result file is then
+    rewritten with the new id, through `write_result(trial_id, result)`). Every other child run
+    of that cell is deleted. Child runs of cells without a result file are left to the trial
+    that runs the cell next (it replaces them). Call it while no trial of the study runs.
+    Returns counts of what was repaired."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(run.tracking_uri)
+    counts = {"finished": 0, "deleted": 0, "restored": 0, "recreated": 0}
+    by_cell: dict[str, list] = {}
+    for child in cell_runs(client, run.experiment_id):
+        by_cell.setdefault(child.data.tags.get("config_hash"), []).append(child)
+    for trial_id, result in results.items():
+        keep = result.get("mlflow_run_id")
+        children = by_cell.get(trial_id, [])
+        mine = next((c for c in children if c.info.run_id == keep), None)
+        if mine is None and keep:
+            try:
+                found = client.get_run(keep)
+            except MlflowException:
+                found = None
+            if found is not None and found.info.experiment_id == run.experiment_id:
+                if found.info.lifecycle_stage == "deleted":
+                    client.restore_run(keep)
+                    counts["restored"] += 1
+                mine = found
+        if mine is None:  # its run is gone from the store: one from the result file
+            mine = _recreate(client, run, result)
+            result = {**result, "mlflow_run_id": mine.info.run_id}
+            if write_result is not None:
+                write_result(trial_id, result)
+            counts["recreated"] += 1
+        elif mine.info.status != terminal_status(result):
+            _Existing(client, run, mine.info.run_id, trial_id).finish(result)
+            counts["finished"] += 1
+        for other in children:
+            if other.info.run_id != mine.info.run_id:
+                client.delete_run(other.info.run_id)
+                counts["deleted"] += 1
+    return counts
+
+
+def _recreate(client, run: StudyRun, result: dict):
+    tags = {"mlflow.parentRunId": run.parent_run_id, ROLE_TAG: "trial",
+            "config_hash": result["trial_id"],
+            **{k: str(result[k]) for k in CHILD_TAGS + ("dataset",)
+               if k != "config_hash" and result.get(k) is not None}}
+    created = client.create_run(run.experiment_id, run_name=result.get("name") or
+                                f"{result.get('dataset')}-{result.get('method')}-d"
+                                f"{result.get('depth')}-s{result.get('seed')}-"
+                                f"{result['trial_id'][:6]}", tags=tags)
+    child = _Existing(client, run, created.info.run_id, result["trial_id"])
+    for key, value in (result.get("config") or {}).items():
+        client.log_param(child.run_id, key, json.dumps(value) if isinstance(value, dict)
+                         else str(value))
+    child.finish(result)
+    return client.get_run(child.run_id)
 
 
 def _now_ms() -> int:

@@ -4,6 +4,11 @@ Failures never crash the study: a diverging model comes back from the training l
 `diverged`/`no_learning`; here CUDA OOM becomes `oom` and any other exception `error`. Every
 outcome is written to `<study>/trials/<trial_id>.json` (atomically: a finished cell is exactly
 the cells with that file, which is what resume relies on), to the MLflow child run, and to Tune.
+
+The result file comes first and names the child run; the run is finished after it. A crash in
+between leaves a RUNNING run that the driver's reconcile finishes from the file
+(`tracking.reconcile_children`); a re-run cell (`--retry-failed`) keeps its old run until the
+new result replaces it, then deletes it.
 """
 
 from __future__ import annotations
@@ -28,6 +33,13 @@ def checkpoint_path(study_dir: str | Path, trial_id: str) -> Path:
     return Path(study_dir) / "checkpoints" / f"{trial_id}.pt"
 
 
+def read_result(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def write_result(path: Path, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp-{os.getpid()}")
@@ -44,7 +56,9 @@ def _peak_memory_bytes(device: str) -> int:
 
 
 def _failure(status: str, exc: BaseException, cell: dict) -> dict:
-    return {"status": status, "failed_epoch": cell.get("_epoch"), "reason": repr(exc)[:2000],
+    # the epoch that failed (train.trial.fit_blaming_epoch); None: not in a training epoch
+    return {"status": status, "failed_epoch": getattr(exc, "failed_epoch", None),
+            "reason": repr(exc)[:2000],
             "traceback": traceback.format_exc()[-4000:], "auc": 0.5, "gauc": 0.5,
             "logloss": None, "best_epoch": None}
 
@@ -62,12 +76,13 @@ def run_cell(cell: dict, study: StudyRun, study_dir: str, samples: dict | None =
             "config_hash": cell["trial_id"], "status": "running", "dataset": cell["dataset"]}
     # The dataset's label-stream audit travels with its id, so a leaky dataset shows on the run.
     audit = {"label_stream_auc": fmt_label_stream_auc(cell.get("label_stream_auc"))}
-    child = ChildRun(study, name=cell["name"], tags=tags, config=cfg.to_dict(), params=audit)
+    previous = read_result(result_path(study_dir, cell["trial_id"]))  # a re-run failed cell
+    child = ChildRun(study, name=cell["name"], tags=tags, config=cfg.to_dict(), params=audit,
+                     keep=(previous or {}).get("mlflow_run_id"))
     if cfg.device == "cuda" and cell.get("gpu_fraction"):
         torch.cuda.set_per_process_memory_fraction(min(1.0, cell["gpu_fraction"]))
 
     def on_epoch(record: dict) -> None:
-        cell["_epoch"] = record["epoch"]
         child.log_epoch(record)
         if report:
             report({**record, "status": "running"})
@@ -89,9 +104,26 @@ def run_cell(cell: dict, study: StudyRun, study_dir: str, samples: dict | None =
                    "peak_memory_bytes": _peak_memory_bytes(cfg.device),
                    "estimated_memory_bytes": cell.get("estimated_memory_bytes"),
                    "gpu_fraction": cell.get("gpu_fraction", 0.0)})
-    write_result(result_path(study_dir, cell["trial_id"]), result)
+    write_result(result_path(study_dir, cell["trial_id"]), result)  # the cell is finished
     child.finish(result)
+    child.drop_others()  # the run of the result this one replaced
     return result
+
+
+def reconcile_study(study: StudyRun, study_dir: str | Path, say=print) -> dict:
+    """Make the study's MLflow child runs agree with its result files (one per finished cell;
+    `tracking.reconcile_children`). The driver calls it while no trial runs."""
+    from malloc_ray.study.results import finished_results
+    from malloc_ray.study.tracking import reconcile_children
+
+    counts = reconcile_children(
+        study, finished_results(study_dir),
+        write_result=lambda trial_id, result: write_result(result_path(study_dir, trial_id),
+                                                           result))
+    if any(counts.values()):
+        say("MLflow child runs reconciled with the result files: "
+            + ", ".join(f"{v} {k}" for k, v in counts.items() if v))
+    return counts
 
 
 def tune_trainable(config: dict, study: StudyRun = None, study_dir: str = None,

@@ -11,8 +11,10 @@ Epochs are numbered from 0, the same index `train_batches(epoch)` receives.
 
 Failures are results, not exceptions: a non-finite loss, or a pre-clip gradient norm that is
 non-finite or above `explode_grad_norm`, or non-finite validation predictions end the run with
-`status="diverged"`; a validation AUC still within 0.01 of 0.5 after `no_learning_epochs` epochs ends it
-with `status="no_learning"`. A diverged run reports sentinel metrics that are finite and rank below any
+`status="diverged"`. A model that did not learn is a status too, on by default: a best validation AUC
+below 0.5 + `no_learning_margin` (0.02) at the end makes the run `status="no_learning"` (its metrics are
+kept, but it is never ranked), and with `no_learning_epochs` > 0 the run already stops there after that
+many epochs. A diverged run reports sentinel metrics that are finite and rank below any
 trained model: AUC = GAUC = 0.5 (chance) and Logloss = -log(1e-7) ≈ 16.1, the worst value the clipped
 Logloss can take. History keeps what was observed before the failure.
 """
@@ -27,11 +29,19 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
+from malloc_ray.config import NO_LEARNING_MARGIN
 from malloc_ray.metrics.ranking import ranking_metrics
 
 LOGLOSS_EPS = 1e-7
 DIVERGED_METRICS = {"auc": 0.5, "gauc": 0.5, "logloss": -math.log(LOGLOSS_EPS)}
-NO_LEARNING_MARGIN = 0.01
+
+
+def learned(best_valid_auc: float, margin: float | None = NO_LEARNING_MARGIN) -> bool:
+    """Whether a best validation AUC shows the model learned (NaN: it cannot show it).
+    `margin` None turns the check off (always True)."""
+    if margin is None:
+        return True
+    return best_valid_auc == best_valid_auc and best_valid_auc >= 0.5 + margin
 
 
 @dataclass
@@ -41,7 +51,8 @@ class TrainConfig:
     patience: int = 3                # epochs without a better valid AUC before stopping
     grad_clip: float = 1.0           # max total grad norm; 0 disables clipping (the norm is still checked)
     explode_grad_norm: float = 1e4   # pre-clip total grad norm above this (or non-finite) -> diverged
-    no_learning_epochs: int = 0      # >0: valid AUC within 0.01 of 0.5 after this many epochs -> no_learning
+    no_learning_epochs: int = 0      # >0: stop as no_learning after this many epochs without learning
+    no_learning_margin: float | None = NO_LEARNING_MARGIN  # valid AUC < 0.5 + this: no_learning
     max_steps_per_epoch: int | None = None
     weight_decay: float = 0.0
     seed: int = 0
@@ -171,12 +182,15 @@ def fit(model: torch.nn.Module, train_batches: Callable[[int], Iterable[dict]],
         if best_epoch is None or score > best_score:
             best_epoch, best_score, best_state = epoch, score, _cpu_state(model)
         if cfg.no_learning_epochs and epoch + 1 == cfg.no_learning_epochs \
-                and abs(best_score - 0.5) < NO_LEARNING_MARGIN:
+                and not learned(best_score, cfg.no_learning_margin):
             status, failed_epoch, reason = "no_learning", epoch, f"best valid AUC {best_score:.4f}"
             break
         if epoch - best_epoch >= cfg.patience:
             break
 
+    if status == "ok" and not learned(best_score, cfg.no_learning_margin):
+        status, failed_epoch = "no_learning", len(history) - 1
+        reason = f"best valid AUC {best_score:.4f} < 0.5 + {cfg.no_learning_margin}"
     if best_state is not None:
         model.load_state_dict(best_state)
     if status == "diverged":

@@ -21,7 +21,7 @@ from malloc_ray.errors import InputError
 from malloc_ray.metrics.cost import cost_summary
 from malloc_ray.model.ctr import CTRModel
 from malloc_ray.model.hstu import HSTUConfig
-from malloc_ray.train.loop import TrainConfig, evaluate, fit
+from malloc_ray.train.loop import NO_LEARNING_MARGIN, TrainConfig, evaluate, fit, learned
 
 
 def seed_everything(seed: int) -> None:
@@ -80,6 +80,7 @@ def train_config(cfg: TrialConfig) -> TrainConfig:
     return TrainConfig(lr=cfg.lr, epochs=cfg.epochs, patience=cfg.patience,
                        grad_clip=cfg.grad_clip, explode_grad_norm=cfg.explode_grad_norm,
                        no_learning_epochs=cfg.no_learning_epochs,
+                       no_learning_margin=cfg.no_learning_margin,
                        max_steps_per_epoch=cfg.max_steps_per_epoch,
                        weight_decay=cfg.weight_decay, seed=cfg.seed)
 
@@ -102,10 +103,10 @@ def run_trial(cfg: TrialConfig, on_epoch: Callable[[dict], None] | None = None,
         if native_checkpoint is None:
             raise InputError(f"method '{cfg.method}' is post-hoc: it needs the trained native "
                              "model of the same dataset, depth and seed", key="method")
-        result = evaluate_post_hoc(model, native_checkpoint, valid, test, device)
+        result = evaluate_post_hoc(model, native_checkpoint, valid, test, device,
+                                   cfg.no_learning_margin)
     else:
-        result = fit(model, train, valid, test, train_config(cfg), device=device,
-                     on_epoch=on_epoch)
+        result = fit_blaming_epoch(model, (train, valid, test), cfg, device, on_epoch)
     model.to("cpu")
     if save_checkpoint is not None:
         save_weights(model, save_checkpoint)
@@ -118,6 +119,25 @@ def run_trial(cfg: TrialConfig, on_epoch: Callable[[dict], None] | None = None,
     }
 
 
+def fit_blaming_epoch(model: CTRModel, batches: tuple, cfg: TrialConfig, device,
+                      on_epoch: Callable[[dict], None] | None) -> dict:
+    """`fit`; an exception it raises gets `failed_epoch`, the epoch that was running (None
+    before the first), which the study records: on_epoch only knows the last one finished."""
+    train, valid, test = batches
+    started: list[int] = []
+
+    def tracked(epoch: int):
+        started.append(epoch)
+        return train(epoch)
+
+    try:
+        return fit(model, tracked, valid, test, train_config(cfg), device=device,
+                   on_epoch=on_epoch)
+    except Exception as exc:
+        exc.failed_epoch = started[-1] if started else None
+        raise
+
+
 def save_weights(model: CTRModel, path: str | Path) -> None:
     """Atomic write, so a killed trial never leaves a truncated checkpoint behind."""
     path = Path(path)
@@ -127,13 +147,18 @@ def save_weights(model: CTRModel, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
-def evaluate_post_hoc(model: CTRModel, checkpoint: str | Path, valid, test, device) -> dict:
-    """Load Native's weights unchanged (strict: same parameters) and evaluate; no gradient."""
+def evaluate_post_hoc(model: CTRModel, checkpoint: str | Path, valid, test, device,
+                      margin: float = NO_LEARNING_MARGIN) -> dict:
+    """Load Native's weights unchanged (strict: same parameters) and evaluate; no gradient.
+    Like a trained run, one whose validation AUC shows nothing learned is `no_learning`."""
     state = torch.load(checkpoint, map_location=device, weights_only=True)
     model.load_state_dict(state, strict=True)
     start = time.perf_counter()
     valid_metrics, test_metrics = evaluate(model, valid(), device), evaluate(model, test(), device)
-    return {"status": "ok", "failed_epoch": None, "reason": None, "best_epoch": None,
+    ok = learned(valid_metrics["auc"], margin)
+    return {"status": "ok" if ok else "no_learning", "failed_epoch": None,
+            "reason": None if ok else f"valid AUC {valid_metrics['auc']:.4f} < 0.5 + {margin}",
+            "best_epoch": None,
             "epochs_run": 0, "auc": test_metrics["auc"], "gauc": test_metrics["gauc"],
             "logloss": test_metrics["logloss"], "valid_auc": valid_metrics["auc"],
             "history": [], "train_seconds": 0.0, "samples_per_second": None,

@@ -19,8 +19,10 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from malloc_ray.errors import InputError
+from malloc_ray.files import first_line
 
-_INT_RE = r"^\s*\d{1,18}\s*$"
+_INT_RE = r"^\s*\d+\s*$"
+INT64_MAX = 2**63 - 1  # ids and timestamps are int64: digits beyond it are errors, not overflows
 _NEG_INT_RE = r"^\s*-\d+\s*$"
 _NUM_RE = r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$"
 _LABEL_RE = r"^\s*[01](\.0*)?\s*$"
@@ -103,15 +105,19 @@ def _parquet_batches(path: Path, columns: list[str]) -> Iterator[tuple[int, pa.R
         raise InputError(f"not a readable parquet file ({exc})", file=str(path)) from exc
     _require_columns(pfile.schema_arrow.names, columns, path)
     row0 = 1
-    for batch in pfile.iter_batches(batch_size=_BATCH_ROWS, columns=columns):
-        # One validation path for every input type: typed columns become their text form.
-        batch = pa.RecordBatch.from_arrays([_as_text(batch.column(c), c, path) for c in columns],
-                                           names=columns)
-        yield row0, batch
-        row0 += batch.num_rows
+    try:  # a corrupt page fails the read of its batch
+        for batch in pfile.iter_batches(batch_size=_BATCH_ROWS, columns=columns):
+            # One validation path for every input type: typed columns become their text form.
+            batch = pa.RecordBatch.from_arrays(
+                [_as_text(batch.column(c), c, path, row0) for c in columns], names=columns)
+            yield row0, batch
+            row0 += batch.num_rows
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"corrupt parquet data at or after this row ({first_line(exc)})",
+                         file=str(path), row=row0) from exc
 
 
-def _as_text(arr: pa.Array, col: str, path: Path) -> pa.Array:
+def _as_text(arr: pa.Array, col: str, path: Path, row0: int) -> pa.Array:
     if pa.types.is_boolean(arr.type):  # a bool label column reads as 0/1
         arr = pc.cast(arr, pa.int8())
     try:
@@ -119,6 +125,18 @@ def _as_text(arr: pa.Array, col: str, path: Path) -> pa.Array:
     except pa.ArrowNotImplementedError as exc:
         raise InputError(f"column {col!r} has type {arr.type}, expected numbers or text",
                          file=str(path), key=col) from exc
+    except pa.ArrowInvalid as exc:  # binary that is not UTF-8 text
+        i = next(i for i, v in enumerate(arr.to_pylist()) if not _utf8(v))
+        raise InputError(f"value in column {col!r} is not UTF-8 text: {arr[i].as_py()!r}",
+                         file=str(path), row=row0 + i) from exc
+
+
+def _utf8(value: bytes | None) -> bool:
+    try:
+        value is None or value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _csv_batches(path: Path, columns: list[str], delimiter: str
@@ -151,18 +169,32 @@ def _csv_batches(path: Path, columns: list[str], delimiter: str
             line, expected, actual = bad_lines[0]
             raise InputError(f"malformed row (file line {line}): expected {expected} columns, "
                              f"got {actual}", file=str(path), row=line - 1) from exc
-        raise InputError(f"unreadable CSV ({exc})", file=str(path)) from exc
+        line = _first_non_utf8_line(path)
+        if line is not None:
+            raise InputError(f"not UTF-8 text (file line {line})", file=str(path),
+                             row=line - 1) from exc
+        raise InputError(f"unreadable CSV ({first_line(exc)})", file=str(path)) from exc
+
+
+def _first_non_utf8_line(path: Path) -> int | None:
+    """1-based file line of the first bytes that are not UTF-8 (pyarrow names no line)."""
+    with open(path, "rb") as fh:
+        return next((n for n, line in enumerate(fh, 1) if not _utf8(line)), None)
 
 
 def read_header(path: Path, delimiter: str) -> list[str]:
     """Column names from the first line (read here so every column can be typed as text)."""
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        try:
-            return next(csv.reader(fh, delimiter=delimiter))
-        except StopIteration:
-            raise InputError("empty file (no header row)", file=str(path)) from None
-        except UnicodeDecodeError as exc:
-            raise InputError(f"not UTF-8 text ({exc})", file=str(path)) from exc
+    with open(path, "rb") as fh:
+        first = fh.readline()  # only this line: bad bytes further on are the reader's to place
+    try:
+        text = first.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"header row is not UTF-8 text ({exc.reason} at byte {exc.start})",
+                         file=str(path)) from exc
+    header = next(csv.reader([text], delimiter=delimiter), [])
+    if not header:
+        raise InputError("empty file (no header row)", file=str(path))
+    return header
 
 
 def _require_columns(present: list[str], needed: list[str], path: Path) -> None:
@@ -200,16 +232,32 @@ def _ids(arr: pa.Array, what: str, col: str, file: str, row0: int) -> np.ndarray
     negative = pc.match_substring_regex(arr, _NEG_INT_RE)
     _raise_first(negative, f"negative {what} id in column {col!r}", arr, file, row0)
     _check_regex(arr, _INT_RE, f"non-integer {what} id in column {col!r}", file, row0)
-    return pc.cast(pc.utf8_trim_whitespace(arr), pa.int64()).to_numpy(zero_copy_only=False)
+    return _int64(arr, f"{what} id in column {col!r}", file, row0)
+
+
+def _int64(arr: pa.Array, what: str, file: str, row0: int) -> np.ndarray:
+    """Digit strings as int64, up to INT64_MAX (19 digits); a larger one is an error."""
+    digits = pc.utf8_trim_whitespace(arr)
+    if (pc.max(pc.utf8_length(digits)).as_py() or 0) < 19:  # usual: nothing can overflow
+        return pc.cast(digits, pa.int64()).to_numpy(zero_copy_only=False)
+    digits = pc.replace_substring_regex(digits, r"^0+(\d)", r"\1")
+    length = pc.utf8_length(digits)
+    big = pc.or_(pc.greater(length, 19),
+                 pc.and_(pc.equal(length, 19), pc.greater(digits, str(INT64_MAX))))
+    _raise_first(big, f"{what} is beyond the int64 maximum {INT64_MAX}", arr, file, row0)
+    return pc.cast(digits, pa.int64()).to_numpy(zero_copy_only=False)
 
 
 def _timestamps(arr: pa.Array, col: str, file: str, row0: int) -> tuple[np.ndarray, np.ndarray]:
     """Return (int64 timestamps, sort key). Integer text stays exact even beyond 2**53."""
     _check_regex(arr, _NUM_RE, f"non-numeric timestamp in column {col!r}", file, row0)
     if pc.all(pc.match_substring_regex(arr, _INT_RE)).as_py():
-        ts = pc.cast(pc.utf8_trim_whitespace(arr), pa.int64()).to_numpy(zero_copy_only=False)
+        ts = _int64(arr, f"timestamp in column {col!r}", file, row0)
         return ts, ts
     key = _floats(arr)
+    outside = ~((key >= -2.0**63) & (key < 2.0**63))  # inf too: 1e400 reads as inf
+    _raise_first(pa.array(outside), f"timestamp in column {col!r} is outside the int64 range",
+                 arr, file, row0)
     return np.floor(key).astype(np.int64), key
 
 

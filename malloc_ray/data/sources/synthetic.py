@@ -49,9 +49,9 @@ def generate(profile: str = "kuaivideo", users: int = 500, *, max_len: int | Non
     max_len / profile max (kuaivideo with max_len 128: mean 416 * 128/1024 = 52).
     Item i belongs to category (i - 1) % categories; ids are 1..items.
     """
+    check_args(profile, users, max_len=max_len, items=items, categories=categories, seed=seed)
     prof = _profile(profile)
     cap = prof.max_length if max_len is None else int(max_len)
-    _check_args(users, cap, items, categories)
     rng = np.random.default_rng(seed)
     lengths = _lengths(rng, users, prof.avg_length * cap / prof.max_length, cap)
     steps = int(lengths.max())
@@ -84,13 +84,23 @@ def item_category(item, categories: int = 50) -> np.ndarray:
 
 
 def _profile(name: str) -> Profile:
-    if name not in PROFILES:
+    if not isinstance(name, str) or name not in PROFILES:
         raise InputError(f"unknown synthetic profile {name!r} (choose from "
                          f"{', '.join(PROFILES)})", key="profile")
     return PROFILES[name]
 
 
-def _check_args(users: int, cap: int, items: int, categories: int) -> None:
+def check_args(profile: str = "kuaivideo", users: int = 500, *, max_len: int | None = None,
+               items: int = 100, categories: int = 50, seed: int = 0) -> None:
+    """What `generate` refuses, refused without drawing anything (a study checks its recipes
+    before it starts)."""
+    _profile(profile)
+    for key, value in (("users", users), ("max_len", max_len), ("items", items),
+                       ("categories", categories), ("seed", seed)):
+        if not (value is None and key == "max_len") and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise InputError(f"{key} must be an integer >= 0, got {value!r}", key=key)
+    cap = PROFILES[profile].max_length if max_len is None else max_len
     if users < 1:
         raise InputError(f"users must be >= 1, got {users}", key="users")
     if cap < MIN_LENGTH:
