@@ -1,5 +1,6 @@
 """Shared helpers for model tests: a tiny fp32 model and random left-padded batches."""
 
+import pytest
 import torch
 
 from malloc_ray.model.ctr import CTRModel
@@ -34,3 +35,30 @@ def random_batch(lengths, seed: int = 0):
 def history(batch, drop: int = 1):
     """The batch minus its last `drop` interactions, still left-padded."""
     return (batch["items"][:, :-drop], batch["labels"][:, :-drop], batch["lengths"] - drop)
+
+
+def serve(model, batch, drop: int = 1):
+    """The target's logit through the serving path: prefill the history, score the target."""
+    memory = model.prefill(*history(batch, drop))
+    return model.score(memory, batch["items"][:, -1:])[:, 0]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models are launch-bound: on a shared 2-core machine two threads only contend.
+    Autouse in every test module that imports it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def assert_candidates_independent(model, memory, users: int) -> None:
+    """Scoring a slate equals scoring each candidate alone, in any order: each candidate sees
+    the history and itself only."""
+    cands = torch.tensor([[3, 7, 11]] * users)
+    several = model.score(memory, cands)
+    alone = torch.stack([model.score(memory, cands[:, i:i + 1])[:, 0] for i in range(3)], 1)
+    torch.testing.assert_close(several, alone, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.score(memory, cands.flip(1)), several.flip(1),
+                               rtol=0, atol=1e-6)

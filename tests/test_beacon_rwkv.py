@@ -19,7 +19,10 @@ from malloc_ray.errors import InputError
 from malloc_ray.methods.beacon import Beacon, read_mask, window_of
 from malloc_ray.methods.rwkv import RWKV
 from malloc_ray.metrics.cost import closed_form_macs, flop_counter_macs, measure_user_bytes
-from model_fixtures import history, random_batch, tiny_model
+# one_thread is an autouse fixture: importing it applies it here
+from model_fixtures import (assert_candidates_independent, history,  # noqa: F401
+                            one_thread,
+                            random_batch, serve, tiny_model)
 
 # target positions 2(l-1): 40 (a window boundary for W = 4, 5, 8), 14, 8, 6, 24, 32
 LENGTHS = [21, 8, 5, 4, 13, 17]
@@ -29,20 +32,6 @@ RAW = {"window": 4, "ratio": 1, "raw_beacons": True}
 # (id, hparams): the declared settings plus ratio 1 with learned beacons, then raw ones too
 LEARNED = [(s.id, s.hparams) for s in Beacon.test_settings] + [("w4r1", RATIO_1)]
 ALL = LEARNED + [("raw", RAW)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tiny models are launch-bound; two threads on a shared 2-core box only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def serve(model, batch, drop=1):
-    memory = model.prefill(*history(batch, drop))
-    return model.score(memory, batch["items"][:, -1:])[:, 0]
 
 
 def flip_probe(model, batch):
@@ -133,12 +122,7 @@ def test_beacon_memory_holds_beacons_and_the_unfinished_window(hp):
     if hp["ratio"] > 1:  # the declared settings: fewer kept tokens than history tokens
         assert kept[0] < n_hist[0]
     # candidates: each sees the history and itself only (order does not matter)
-    cands = torch.tensor([[3, 7, 11]] * len(LENGTHS))
-    several = model.score(memory, cands)
-    alone = torch.stack([model.score(memory, cands[:, i:i + 1])[:, 0] for i in range(3)], 1)
-    torch.testing.assert_close(several, alone, rtol=0, atol=1e-6)
-    torch.testing.assert_close(model.score(memory, cands.flip(1)), several.flip(1),
-                               rtol=0, atol=1e-6)
+    assert_candidates_independent(model, memory, len(LENGTHS))
 
 
 @pytest.mark.parametrize("hp", [{"window": 4, "ratio": 2}, {"window": 6, "ratio": 3}],

@@ -18,26 +18,15 @@ from malloc_ray.errors import InputError
 from malloc_ray.methods.rec2pm import Rec2PM
 from malloc_ray.metrics.cost import closed_form_macs, flop_counter_macs, measure_user_bytes
 from malloc_ray.model.hstu import merge_heads, pointwise_attention_reference, split_heads
-from model_fixtures import history, random_batch, tiny_model
+# one_thread is an autouse fixture: importing it applies it here
+from model_fixtures import (assert_candidates_independent, history,  # noqa: F401
+                            one_thread,
+                            random_batch, serve, tiny_model)
 
 LENGTHS = [21, 8, 5, 4, 13, 17]         # targets at 40, 14, 8, 6, 24, 32
 APPEND_LENGTHS = [21, 8, 5, 13, 17, 10]  # 5: an empty history after dropping 5
 SETTINGS = [s.hparams for s in Rec2PM.test_settings]
 IDS = [s.id for s in Rec2PM.test_settings]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tiny models are launch-bound; two threads on a shared 2-core box only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def serve(model, batch, drop=1):
-    memory = model.prefill(*history(batch, drop))
-    return model.score(memory, batch["items"][:, -1:])[:, 0]
 
 
 # -- a plain reference: one user, token by token, chunk by chunk -------------------------
@@ -142,12 +131,7 @@ def test_memory_holds_slots_and_the_unfinished_chunk(hp):
     assert slots[0] == hp["slots"] and tails[0] < n_hist[0]  # the longest user folded chunks
     # a request changes nothing and candidates are independent (order does not matter)
     before = {k: t.clone() for k, t in layer.payload.items()}
-    cands = torch.tensor([[3, 7, 11]] * len(LENGTHS))
-    several = model.score(memory, cands)
-    alone = torch.stack([model.score(memory, cands[:, i:i + 1])[:, 0] for i in range(3)], 1)
-    torch.testing.assert_close(several, alone, rtol=0, atol=1e-6)
-    torch.testing.assert_close(model.score(memory, cands.flip(1)), several.flip(1),
-                               rtol=0, atol=1e-6)
+    assert_candidates_independent(model, memory, len(LENGTHS))
     assert all(torch.equal(before[k], layer.payload[k]) for k in before)
 
 

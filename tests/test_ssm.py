@@ -15,21 +15,14 @@ from malloc_ray.errors import InputError
 from malloc_ray.methods.ssm import (HolographicBinding, SelectiveSSM, circular_convolution,
                                     circular_convolution_reference, scan, scan_reference)
 from malloc_ray.metrics.cost import measure_user_bytes
-from model_fixtures import history, random_batch, tiny_model
+# one_thread is an autouse fixture: importing it applies it here
+from model_fixtures import (history, one_thread,  # noqa: F401
+                            random_batch, tiny_model)
 
 LENGTHS = [21, 8, 5, 1, 13, 17]
 APPEND_LENGTHS = [21, 8, 5, 13, 17, 10]  # 5: an empty history after dropping 5
 SETTINGS = [s.hparams for s in SelectiveSSM.test_settings] + [{"d_conv": 1, "d_state": 8}]
 IDS = ["default", "e2k4n8", "noconv"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tiny models are launch-bound; two threads on a shared 2-core box only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def lively(model):
