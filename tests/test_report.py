@@ -18,8 +18,8 @@ from malloc_ray.study import provenance
 from malloc_ray.study.tracking import default_tracking_uri, start_study_run
 from report_fixtures import FAILURES, LABEL_STREAM_AUC, write_fake_study
 
-SECTIONS = ("table2", "table3", "table4", "fig4", "pareto", "fig5", "convergence", "failures",
-            "reproducibility")
+SECTIONS = ("findings", "table2", "table3", "table4", "fig4", "pareto", "fig5", "convergence",
+            "failures", "reproducibility")
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +201,8 @@ def ensure_chromium() -> str:
 class _Dom(html.parser.HTMLParser):
     def __init__(self):
         super().__init__()
-        self.images, self.tables, self.sections = [], [], []
+        self.images, self.tables, self.sections, self.findings = [], [], [], []
+        self.text: list[str] = []
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
@@ -211,6 +212,11 @@ class _Dom(html.parser.HTMLParser):
             self.tables.append(attrs.get("data-table"))
         elif tag == "section":
             self.sections.append(attrs.get("id"))
+        elif tag == "div" and attrs.get("class") == "finding":
+            self.findings.append(attrs.get("data-dataset"))
+
+    def handle_data(self, data):
+        self.text.append(data)
 
 
 # After load, record each image's decoded size on the element, so the dumped DOM shows whether
@@ -235,6 +241,14 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     dom = _Dom()
     dom.feed(dumped)
     assert set(SECTIONS) <= set(dom.sections)
+    # the page opens with the findings: one block per dataset, numbers with their intervals
+    assert dom.sections[0] == "findings" and sorted(dom.findings) == ["amazon", "kuai"]
+    text = " ".join(dom.text)
+    assert "Native test GAUC" in text and "ΔGAUC" in text and "seeds)" in text
+    # the trade-off and depth figures draw 95% CI error bars and say so; the cells have them
+    assert text.count("error bars: 95% CI") >= 2 and "mean ± 95% CI" in text
+    summary = pd.read_csv(rep.directory / "summary.csv")
+    assert summary.loc[summary["n_ok"] > 1, "gauc_ci95"].gt(0).all()
     assert {"table2_depth1", "table3_measured", "table4_methods", "failures",
             "pareto"} <= set(dom.tables)
     figures = [i for i in dom.images if "figure" in (i.get("class") or "")]
