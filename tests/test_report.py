@@ -163,6 +163,9 @@ def test_report_logs_artifacts_on_the_study_parent_run(tmp_path):
     rep = build_report(study_dir, say=lambda _: None)
     assert rep.mlflow_run_id == run.parent_run_id
     client = MlflowClient(uri)
+    # the UI opens the study on its runs table, not on the GenAI overview
+    tags = client.get_experiment(run.experiment_id).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
     top = {a.path for a in client.list_artifacts(run.parent_run_id, "report")}
     assert {"report/report.html", "report/figures", "report/tables"} <= top
     figs = {Path(a.path).name for a in client.list_artifacts(run.parent_run_id, "report/figures")}

@@ -215,6 +215,9 @@ class StudyRun:
     parent_run_id: str
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+
+
 def start_study_run(tracking_uri: str, study_name: str, study_dir: Path,
                     params: dict | None = None) -> StudyRun:
     """Experiment + parent run, reusing the parent of an earlier run of the same study."""
@@ -229,6 +232,9 @@ def start_study_run(tracking_uri: str, study_name: str, study_dir: Path,
         experiment_id = client.create_experiment(study_name, artifact_location=artifacts)
     else:
         experiment_id = experiment.experiment_id
+    # MLflow 3's UI opens an experiment without this tag on its GenAI overview (traces,
+    # tokens): a study is model training, so it opens on the runs table.
+    client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
     parents = client.search_runs([experiment_id],
                                  filter_string=f"tags.`{ROLE_TAG}` = 'study'", max_results=1)
     if parents:
