@@ -12,7 +12,7 @@ import malloc_ray.methods.h2o  # noqa: F401  (registers h2o until methods/__init
 import malloc_ray.methods.snapkv  # noqa: F401
 from malloc_ray.errors import InputError
 from malloc_ray.methods.h2o import H2O
-from malloc_ray.methods.prune import keep_indices
+from malloc_ray.methods.common.prune import keep_indices
 from malloc_ray.methods.snapkv import SnapKV, pool_scores, window_scores
 from malloc_ray.model.hstu import pointwise_attention
 from model_fixtures import history, random_batch, tiny_model

@@ -12,7 +12,8 @@ import torch
 import malloc_ray.methods.intactkv  # noqa: F401  (registers the methods; the lead
 import malloc_ray.methods.kivi  # noqa: F401      adds them to methods/__init__.py)
 from malloc_ray.errors import InputError
-from malloc_ray.methods import get_method, quant
+from malloc_ray.methods import get_method
+from malloc_ray.methods.common import quant
 from malloc_ray.metrics.cost import closed_form_macs, flop_counter_macs, measure_user_bytes
 from model_fixtures import history, random_batch, tiny_model
 

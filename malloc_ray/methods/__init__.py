@@ -1,5 +1,7 @@
-"""Memory methods, one module each. Adding a method: its module, one import line here, and the
-other files docs/methods/README.md lists ("Adding a method")."""
+"""Memory methods. Each module imported below registers its methods, usually one named like the
+module (heads.py: gqa and mqa; recompute.py: wo_mem; collective.py: collectivekv); shared
+helpers are in `common/` and register nothing. Adding a method: docs/methods/README.md
+("Adding a method")."""
 
 # One line per method module; importing a module registers its methods.
 from malloc_ray.methods import beacon  # noqa: F401

@@ -29,7 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from malloc_ray.methods.base import LayerMemory, TestSetting, register
-from malloc_ray.methods.native import HSTUAttention, pair_macs, token_macs
+from malloc_ray.methods.common.glue import (check_bool, check_int, layer_macs, macs_dict,
+                                            pair_macs, self_mask, token_macs)
+from malloc_ray.methods.native import HSTUAttention
 from malloc_ray.model.hstu import merge_heads, pointwise_attention, split_heads, visibility
 
 
@@ -82,6 +84,26 @@ class Beacon(HSTUAttention):
 
     name = "beacon"
     category = "token-merge"
+
+    @dataclass(frozen=True)
+    class Hparams:
+        window: int = 128       # raw tokens per window (= stride); 64 interactions
+        ratio: int = 8          # raw tokens per beacon
+        raw_beacons: bool = False  # keep raw activations as beacons (reference beacon_size=-1)
+
+        def __post_init__(self):
+            check_int("window", self.window, 1)
+            check_int("ratio", self.ratio, 1)
+            if self.window % self.ratio:
+                raise ValueError(f"window={self.window} must be a multiple of ratio={self.ratio}")
+            check_bool("raw_beacons", self.raw_beacons)
+            if self.raw_beacons and self.ratio != 1:
+                raise ValueError("raw_beacons keeps every raw activation, so it needs ratio=1")
+
+        @property
+        def beacons(self) -> int:
+            return self.window // self.ratio
+
     # The default window (128 tokens) is longer than any test sequence (<= 79 tokens), so it
     # would never condense. Windows of 6-8 tokens condense several times per history, into 4,
     # 1 and 2 beacons. Targets sit at positions 2(l - 1) = 40, 14, 8, 6, 24, 32: several right
@@ -91,28 +113,6 @@ class Beacon(HSTUAttention):
         TestSetting(id="w8r8", hparams={"window": 8, "ratio": 8}, lengths=(21, 8, 5, 4, 13, 17)),
         TestSetting(id="w6r3", hparams={"window": 6, "ratio": 3}, lengths=(21, 8, 5, 4, 13, 17)),
     )
-
-    @dataclass(frozen=True)
-    class Hparams:
-        window: int = 128       # raw tokens per window (= stride); 64 interactions
-        ratio: int = 8          # raw tokens per beacon
-        raw_beacons: bool = False  # keep raw activations as beacons (reference beacon_size=-1)
-
-        def __post_init__(self):
-            for key in ("window", "ratio"):
-                value = getattr(self, key)
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise ValueError(f"{key} must be a positive integer, got {value!r}")
-            if self.window % self.ratio:
-                raise ValueError(f"window={self.window} must be a multiple of ratio={self.ratio}")
-            if not isinstance(self.raw_beacons, bool):
-                raise ValueError(f"raw_beacons must be true or false, got {self.raw_beacons!r}")
-            if self.raw_beacons and self.ratio != 1:
-                raise ValueError("raw_beacons keeps every raw activation, so it needs ratio=1")
-
-        @property
-        def beacons(self) -> int:
-            return self.window // self.ratio
 
     def __init__(self, cfg, hp=None):
         super().__init__(cfg, hp)  # f1, rab, out_norm: Native's parameters, same names
@@ -198,8 +198,7 @@ class Beacon(HSTUAttention):
         if condense:
             beacons, end = self.condense(rk, rv, rpos, rvalid, beacons)
         n_q, n_r = x.shape[1], rk.shape[2]
-        same = torch.cat([torch.zeros(n_q, n_r - n_q, dtype=torch.bool, device=x.device),
-                          torch.eye(n_q, dtype=torch.bool, device=x.device)], 1)
+        same = self_mask(n_q, n_r - n_q, x.device)
         mask = read_mask(pos, beacons[2], beacons[3], rpos, rvalid, same, self.hp.window)
         keys, values = torch.cat([beacons[0], rk], 2), torch.cat([beacons[1], rv], 2)
         k_pos = torch.cat([beacons[2], rpos], 1)
@@ -271,15 +270,13 @@ class Beacon(HSTUAttention):
 
     @classmethod
     def macs(cls, cfg, hp, n_cached, q=1):
-        tok, tok_mm = token_macs(cfg)
-        pair, pair_mm = pair_macs(cfg)
+        tok, pair = token_macs(cfg), pair_macs(cfg)
         keys = cls.kept_tokens(hp, n_cached) + q  # dense over [beacons; tail; candidates]
         n_windows = n_cached // hp.window
         beacons = n_windows * hp.beacons
         # prefill as computed: every history row against [all beacons; all raw tokens]
         prefill_keys = beacons + n_cached
-        c_all, c_mm = cls.condense_macs(cfg, hp, n_windows)
-        return {"request": q * tok + q * keys * pair,
-                "request_matmul": q * tok_mm + q * keys * pair_mm,
-                "prefill": n_cached * tok + n_cached * prefill_keys * pair + c_all,
-                "prefill_matmul": n_cached * tok_mm + n_cached * prefill_keys * pair_mm + c_mm}
+        condense = cls.condense_macs(cfg, hp, n_windows)
+        return macs_dict(layer_macs(tok, pair, q, q * keys),
+                         layer_macs(tok, pair, n_cached, n_cached * prefill_keys, condense),
+                         prefill_matmul=True)

@@ -22,9 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from malloc_ray.methods.base import LayerMemory, Method, TestSetting, register
-from malloc_ray.model.hstu import (RelativeBias, merge_heads, pointwise_attention, split_heads,
-                                   visibility)
+from malloc_ray.methods.base import Method, TestSetting, register
+from malloc_ray.methods.common.glue import (check_int, join_cached, layer_macs, macs_dict,
+                                            pair_macs, self_mask, token_memory)
+from malloc_ray.methods.native import HSTUAttention
+from malloc_ray.model.hstu import RelativeBias, split_heads
 
 WEIGHT_DTYPE = torch.float16  # the stored routing weight (see `CollectiveKV.route`)
 
@@ -37,7 +39,7 @@ def index_dtype(pool_size: int) -> torch.dtype:
     raise ValueError(f"pool_size={pool_size} does not fit an int32 index")
 
 
-def _dtype_bytes(dtype: torch.dtype) -> int:
+def dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
@@ -102,10 +104,8 @@ class CollectiveKV(Method):
         pool_size: int = 1024     # rows of each shared pool (authors: 10,000; see the docs)
 
         def __post_init__(self):
-            for key in ("usr_dim", "pool_size"):
-                value = getattr(self, key)
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise ValueError(f"{key} must be a positive integer, got {value!r}")
+            check_int("usr_dim", self.usr_dim, 1)
+            check_int("pool_size", self.pool_size, 1)
             index_dtype(self.pool_size)  # raises if no integer dtype holds it
 
     def __init__(self, cfg, hp=None):
@@ -187,10 +187,9 @@ class CollectiveKV(Method):
             out[key] = t
         return out
 
-    def attend(self, gate, q, k, v, q_pos, k_pos, k_valid, same):
-        mask = visibility(q_pos, k_pos, k_valid, same)
-        av = pointwise_attention(q, k, v, self.rab(q_pos, k_pos), mask, self.cfg.divisor)
-        return gate * self.out_norm(merge_heads(av))
+    # Native's attention and output, gate · LN(A·V), on the assembled K, V (same rab and
+    # out_norm names); shared as a function, not by inheritance, since f1 and the init differ.
+    attend = HSTUAttention.attend
 
     # -- the contract ---------------------------------------------------------------------
     def forward(self, x, pos, valid):
@@ -199,25 +198,18 @@ class CollectiveKV(Method):
     def prefill(self, x, pos, valid):
         gate, q, parts = self.parts(x)
         k, v = self.assemble(parts)
-        same = torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
-        y = self.attend(gate, q, k, v, pos, pos, valid, same)
-        return y, LayerMemory(payload=self.pack(parts, self.hp.pool_size),
-                              metadata={"pos": pos.to(torch.int32), "valid": valid})
+        y = self.attend(gate, q, k, v, pos, pos, valid, self_mask(x.shape[1], 0, x.device))
+        return y, token_memory(self.pack(parts, self.hp.pool_size), pos, valid)
 
     def step(self, x, pos, memory, append):
         gate, q, parts = self.parts(x)
         new = self.pack(parts, self.hp.pool_size)
         stored = {key: torch.cat([memory.payload[key], new[key]], 1) for key in new}
         k, v = self.assemble(stored)  # the cache rebuilt from its stored parts, and the new tokens
-        k_pos = torch.cat([memory.metadata["pos"].to(pos.dtype), pos], 1)
-        k_valid = torch.cat([memory.metadata["valid"], torch.ones_like(pos, dtype=torch.bool)], 1)
-        n_old, n_new = memory.metadata["pos"].shape[1], x.shape[1]
-        same = torch.cat([torch.zeros(n_new, n_old, dtype=torch.bool, device=x.device),
-                          torch.eye(n_new, dtype=torch.bool, device=x.device)], 1)
+        k_pos, k_valid, same = join_cached(memory.metadata["pos"], memory.metadata["valid"], pos)
         y = self.attend(gate, q, k, v, pos, k_pos, k_valid, same)
         if append:
-            memory = LayerMemory(payload=stored,
-                                 metadata={"pos": k_pos.to(torch.int32), "valid": k_valid})
+            memory = token_memory(stored, k_pos, k_valid)
         return y, memory
 
     # -- costs ----------------------------------------------------------------------------
@@ -228,7 +220,7 @@ class CollectiveKV(Method):
         usr = 2 * cls.usr_width(cfg, hp) * 4
         if not cls.global_width(cfg, hp):
             return usr
-        return usr + 2 * (_dtype_bytes(index_dtype(hp.pool_size)) + _dtype_bytes(WEIGHT_DTYPE))
+        return usr + 2 * (dtype_bytes(index_dtype(hp.pool_size)) + dtype_bytes(WEIGHT_DTYPE))
 
     @classmethod
     def memory_bytes(cls, cfg, hp, n_cached, metadata=False):
@@ -248,13 +240,11 @@ class CollectiveKV(Method):
         the cached K, V (2g multiplies per cached token, once per request, not a matmul).
         Pairs are Native's: the assembled K, V are D wide."""
         d = D = cfg.d_model
-        h, usr, g, P = cfg.num_heads, cls.usr_width(cfg, hp), cls.global_width(cfg, hp), \
-            hp.pool_size
+        usr, g, P = cls.usr_width(cfg, hp), cls.global_width(cfg, hp), hp.pool_size
         routers = 2 if g else 0
         tok_mm = d * (2 * D + 2 * usr) + routers * d * P + D * d
         tok = tok_mm + (2 * D + 2 * usr) + routers * P + 2 * g + 2 * d + 2 * D + d
-        pair, pair_mm = 2 * D + h, 2 * D
-        keys = n_cached + q
-        return {"request": q * tok + n_cached * 2 * g + q * keys * pair,
-                "request_matmul": q * tok_mm + q * keys * pair_mm,
-                "prefill": n_cached * tok + n_cached * n_cached * pair}
+        row, pair, keys = (tok, tok_mm), pair_macs(cfg), n_cached + q
+        rebuild = n_cached * 2 * g  # not a matmul
+        return macs_dict(layer_macs(row, pair, q, q * keys, (rebuild, 0)),
+                         layer_macs(row, pair, n_cached, n_cached * n_cached))

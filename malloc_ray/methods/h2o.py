@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from malloc_ray.methods.base import TestSetting, register
-from malloc_ray.methods.prune import INF, TokenPrune, check_int, most_recent
+from malloc_ray.methods.common.glue import check_int
+from malloc_ray.methods.common.prune import INF, TokenPrune, most_recent
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,9 @@ from torch import nn
 
 from malloc_ray.errors import InputError
 from malloc_ray.methods.base import NoHparams, TestSetting, register
-from malloc_ray.methods.native import Native, pair_macs
+from malloc_ray.methods.common.glue import (check_int, layer_macs, macs_dict, pair_macs,
+                                            pointwise_weights)
+from malloc_ray.methods.native import Native
 from malloc_ray.model.hstu import merge_heads, split_heads, visibility
 
 
@@ -38,7 +40,7 @@ def grouped_attention(q, k, v, bias, mask, divisor: float) -> torch.Tensor:
     h_kv, nk = k.shape[1], k.shape[2]
     rows = q.reshape(b, h_kv, (h // h_kv) * nq, q.shape[-1])  # heads h_kv*G..: consecutive
     scores = torch.matmul(rows, k.transpose(-1, -2)).view(b, h, nq, nk) + bias
-    weights = F.silu(scores) / divisor * mask  # bias and mask stay per query head
+    weights = pointwise_weights(scores, mask, divisor)  # bias and mask stay per query head
     out = torch.matmul(weights.reshape(b, h_kv, -1, nk), v)
     return out.view(b, h, nq, v.shape[-1])
 
@@ -64,9 +66,7 @@ class GQA(Native):
         kv_heads: int = 4  # paper fit: 4 of 8 heads -> 63.94 MiB (docs/methods/gqa.md)
 
         def __post_init__(self):
-            if isinstance(self.kv_heads, bool) or not isinstance(self.kv_heads, int) \
-                    or self.kv_heads < 1:
-                raise ValueError(f"kv_heads must be a positive integer, got {self.kv_heads!r}")
+            check_int("kv_heads", self.kv_heads, 1)
 
     def __init__(self, cfg, hp=None):
         super().__init__(cfg, hp)
@@ -111,12 +111,11 @@ class GQA(Native):
 
     @classmethod
     def macs(cls, cfg, hp, n_cached, q=1):
-        tok, tok_mm = cls.token_macs(cfg, hp)
-        pair, pair_mm = pair_macs(cfg)  # per query head unchanged: 2·d_h·H + H
+        tok = cls.token_macs(cfg, hp)
+        pair = pair_macs(cfg)  # per query head unchanged: 2·d_h·H + H
         keys = n_cached + q
-        return {"request": q * tok + q * keys * pair,
-                "request_matmul": q * tok_mm + q * keys * pair_mm,
-                "prefill": n_cached * tok + n_cached * n_cached * pair}
+        return macs_dict(layer_macs(tok, pair, q, q * keys),
+                         layer_macs(tok, pair, n_cached, n_cached * n_cached))
 
 
 @register

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from malloc_ray.methods import quant
+from malloc_ray.methods.common import quant
 from malloc_ray.methods.base import TestSetting, register
+from malloc_ray.methods.common.glue import check_int
 from malloc_ray.methods.kivi import KIVI
 
 
@@ -36,10 +37,8 @@ class IntactKV(KIVI):
 
         def __post_init__(self):
             quant.check_bits(self.bits)
-            if not isinstance(self.group_size, int) or self.group_size < 1:
-                raise ValueError(f"group_size must be an int >= 1, got {self.group_size!r}")
-            if not isinstance(self.pivots, int) or self.pivots < 0:
-                raise ValueError(f"pivots must be an int >= 0, got {self.pivots!r}")
+            check_int("group_size", self.group_size, 1)
+            check_int("pivots", self.pivots, 0)
 
     key_groups_along_tokens = False  # per-token keys: every token is quantized on its own
     # Every token but the pivots is quantized whatever the length; groups smaller than

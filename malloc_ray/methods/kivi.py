@@ -3,9 +3,9 @@
 Post-hoc on Native's weights: the layer computes exactly what Native computes; only what is
 kept changes. Per layer and user the memory holds, in token order:
 
-* the oldest tokens, quantized (asymmetric min-max, `quant.py`): keys per channel over groups of
-  `group_size` consecutive tokens (keys have outlier channels, so each channel gets its own
-  range), values per token over groups of `group_size` channels. The codes are packed into
+* the oldest tokens, quantized (asymmetric min-max, `common/quant.py`): keys per channel over
+  groups of `group_size` consecutive tokens (keys have outlier channels, so each channel gets
+  its own range), values per token over groups of `group_size` channels. The codes are packed into
   uint8 (payload); scales and zero points are fp32 metadata;
 * the newest tokens in fp32 (metadata): the last `residual_length` tokens plus the trailing
   tokens that do not yet fill a whole group of `group_size` tokens beyond them. When appended
@@ -31,8 +31,9 @@ from typing import ClassVar
 
 import torch
 
-from malloc_ray.methods import quant
+from malloc_ray.methods.common import quant
 from malloc_ray.methods.base import LayerMemory, TestSetting, register
+from malloc_ray.methods.common.glue import check_int, join_cached, self_mask
 from malloc_ray.methods.native import Native
 from malloc_ray.model.hstu import merge_heads, split_heads
 
@@ -84,11 +85,8 @@ class KIVI(Native):
 
         def __post_init__(self):
             quant.check_bits(self.bits)
-            if not isinstance(self.group_size, int) or self.group_size < 1:
-                raise ValueError(f"group_size must be an int >= 1, got {self.group_size!r}")
-            if not isinstance(self.residual_length, int) or self.residual_length < 0:
-                raise ValueError(
-                    f"residual_length must be an int >= 0, got {self.residual_length!r}")
+            check_int("group_size", self.group_size, 1)
+            check_int("residual_length", self.residual_length, 0)
 
     # Keys are grouped along tokens (per channel); IntactKV groups them along channels.
     key_groups_along_tokens: ClassVar[bool] = True
@@ -180,7 +178,7 @@ class KIVI(Native):
 
     def prefill(self, x, pos, valid):
         u, q, k, v = self.project(x)
-        same = torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
+        same = self_mask(x.shape[1], 0, x.device)
         y = self.attend(u, q, k, v, pos, pos, valid, same)  # exact: quantize on storing
         return y, self.store(merge_heads(k), merge_heads(v), pos, valid)
 
@@ -188,14 +186,10 @@ class KIVI(Native):
         u, q, k, v = self.project(x)
         mem_k, mem_v, mem_pos, mem_valid = self.read(memory)
         keys, values = torch.cat([mem_k, k], 2), torch.cat([mem_v, v], 2)
-        new_valid = torch.ones_like(pos, dtype=torch.bool)
-        k_pos = torch.cat([mem_pos.to(pos.dtype), pos], 1)
-        k_valid = torch.cat([mem_valid, new_valid], 1)
-        n_old, n_new = mem_k.shape[2], x.shape[1]
-        same = torch.cat([torch.zeros(n_new, n_old, dtype=torch.bool, device=x.device),
-                          torch.eye(n_new, dtype=torch.bool, device=x.device)], 1)
+        k_pos, k_valid, same = join_cached(mem_pos, mem_valid, pos)
         y = self.attend(u, q, keys, values, pos, k_pos, k_valid, same)
         if append:
+            new_valid = torch.ones_like(pos, dtype=torch.bool)
             memory = self.store(merge_heads(k), merge_heads(v), pos, new_valid, old=memory)
         return y, memory
 

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from malloc_ray.methods.base import Method, TestSetting, register
-from malloc_ray.methods.native import pair_macs, token_macs
+from malloc_ray.methods.common.glue import (check_bool, check_int, layer_macs, macs_dict,
+                                            pair_macs, pointwise_weights, token_macs)
 from malloc_ray.model.hstu import HSTUConfig, merge_heads, split_heads
 
 
@@ -49,8 +50,6 @@ class Linformer(Method):
     name = "linformer"
     category = "sequence"
     recompute = True
-    # 7 slots for up to 61 tokens (the default 25 is close to short test sequences).
-    test_settings = (TestSetting(id="k7", hparams={"k": 7}, lengths=(31, 8, 14, 21)),)
 
     @dataclass(frozen=True)
     class Hparams:
@@ -59,11 +58,12 @@ class Linformer(Method):
         causal: bool = True      # False: the paper's projection of the whole sequence (leaks)
 
         def __post_init__(self):
-            if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-                raise ValueError(f"k must be an integer >= 1, got {self.k!r}")
-            for name in ("share_kv", "causal"):
-                if not isinstance(getattr(self, name), bool):
-                    raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+            check_int("k", self.k, 1)
+            check_bool("share_kv", self.share_kv)
+            check_bool("causal", self.causal)
+
+    # 7 slots for up to 61 tokens (the default 25 is close to short test sequences).
+    test_settings = (TestSetting(id="k7", hparams={"k": 7}, lengths=(31, 8, 14, 21)),)
 
     def __init__(self, cfg: HSTUConfig, hp=None):
         super().__init__(cfg, hp)
@@ -94,12 +94,12 @@ class Linformer(Method):
             first = torch.searchsorted(pos.contiguous(), pos.contiguous())  # first of a tie
             keys, values = self.prefix(e_k, k, first), self.prefix(e_v, v, first)
             scores = torch.matmul(q[..., None, :], keys.transpose(-1, -2))   # (B, H, N, 1, k)
-            av = torch.matmul(F.silu(scores) / self.cfg.divisor, values)[..., 0, :]
+            av = torch.matmul(pointwise_weights(scores, None, self.cfg.divisor), values)[..., 0, :]
         else:
             keys = torch.matmul(e_k.transpose(1, 2)[:, None], k)            # (B, H, k, dh)
             values = torch.matmul(e_v.transpose(1, 2)[:, None], v)
             scores = torch.matmul(q, keys.transpose(-1, -2))                 # (B, H, N, k)
-            av = torch.matmul(F.silu(scores) / self.cfg.divisor, values)
+            av = torch.matmul(pointwise_weights(scores, None, self.cfg.divisor), values)
         return u * self.out_norm(merge_heads(av))
 
     @staticmethod
@@ -120,9 +120,7 @@ class Linformer(Method):
     def macs(cls, cfg, hp, n_cached, q=1):
         """A request re-runs N = n_cached + q tokens: projecting K and V costs N k D each (an
         outer product per token, accumulated by the prefix sum), then N queries x k slots."""
-        tok, tok_mm = token_macs(cfg)
-        pair, pair_mm = pair_macs(cfg)
         n, k, D = n_cached + q, slots(cfg, hp), cfg.d_model
         project = 2 * n * k * D
-        return {"request": n * tok + project + n * k * pair,
-                "request_matmul": n * tok_mm + project + n * k * pair_mm, "prefill": 0}
+        return macs_dict(layer_macs(token_macs(cfg), pair_macs(cfg), n, n * k, (project, project)),
+                         (0, 0))

@@ -9,17 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from malloc_ray.methods.base import TestSetting, register
-from malloc_ray.methods.native import HSTUAttention, pair_macs, token_macs
+from malloc_ray.methods.common.chunks import previous_chunks, target_rows
+from malloc_ray.methods.common.glue import (check_bool, check_int, layer_macs, macs_dict,
+                                            pair_macs, pointwise_weights, token_macs)
+from malloc_ray.methods.native import HSTUAttention
 from malloc_ray.model.hstu import merge_heads, pointwise_attention, relative_bucket, visibility
-
-
-def target_rows(pos: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """(B, N) bool: the valid tokens at each user's last position (the target or candidates).
-
-    In training that is i_S; in a request, every candidate (they share the position).
-    """
-    last = pos.masked_fill(~valid, torch.iinfo(pos.dtype).min).amax(1, keepdim=True)
-    return valid & (pos == last)
 
 
 def trailing_targets(target: torch.Tensor) -> int:
@@ -29,18 +23,6 @@ def trailing_targets(target: torch.Tensor) -> int:
         raise ValueError("the target tokens (last position of each user) must be the last "
                          "columns of the sequence")
     return t
-
-
-def previous_chunks(x: torch.Tensor, m: int, dim: int, fill) -> torch.Tensor:
-    """x (..., chunks, c, ...) with chunks on `dim` -> (..., chunks, (m+1) c, ...): for chunk g,
-    the tokens of chunks g-m .. g in order, i.e. the keys a query of chunk g may reach.
-
-    Chunks before the first are filled with `fill` (the caller masks them).
-    """
-    pad = [0, 0] * (x.dim() - dim - 1) + [m, 0]
-    padded = F.pad(x, pad, value=fill)
-    n = x.shape[dim]
-    return torch.cat([padded.narrow(dim, j, n) for j in range(m + 1)], dim + 1)
 
 
 def window_geometry(n: int, window: int) -> tuple[int, int, int]:
@@ -85,12 +67,8 @@ class Longformer(HSTUAttention):
         divide_by_window: bool = False   # ablation: windowed rows divide by w instead of n
 
         def __post_init__(self):
-            w = self.window
-            if isinstance(w, bool) or not isinstance(w, int) or w < 1:
-                raise ValueError(f"window must be an integer >= 1, got {w!r}")
-            if not isinstance(self.divide_by_window, bool):
-                raise ValueError(f"divide_by_window must be true or false, got "
-                                 f"{self.divide_by_window!r}")
+            check_int("window", self.window, 1)
+            check_bool("divide_by_window", self.divide_by_window)
 
     def windowed(self, q, k, v, pos, valid):
         """Banded causal attention: each row sees itself and the w tokens before it."""
@@ -125,7 +103,7 @@ class Longformer(HSTUAttention):
         bias = self.rab.table(relative_bucket(dist, self.rab.num_buckets, self.rab.max_distance))
         scores = torch.matmul(qc, kw.transpose(-1, -2)) + bias.permute(0, 4, 1, 2, 3)
         divisor = float(w) if self.hp.divide_by_window else self.cfg.divisor
-        weights = F.silu(scores) / divisor * mask[:, None]
+        weights = pointwise_weights(scores, mask[:, None], divisor)
         return torch.matmul(weights, vw).flatten(2, 3)[:, :, :n]
 
     def forward(self, x, pos, valid):
@@ -148,10 +126,7 @@ class Longformer(HSTUAttention):
         """A request re-runs all N = n_cached + q tokens: the band is computed in chunks of w
         (each chunk against itself and the previous chunk, 2w keys per query, of which w + 1
         are used), plus the q global rows against all N keys."""
-        tok, tok_mm = token_macs(cfg)
-        pair, pair_mm = pair_macs(cfg)
         n = n_cached + q
         c, n_chunks, m = window_geometry(n, hp.window)
         pairs = n_chunks * c * (m + 1) * c + q * n
-        return {"request": n * tok + pairs * pair, "request_matmul": n * tok_mm + pairs * pair_mm,
-                "prefill": 0}
+        return macs_dict(layer_macs(token_macs(cfg), pair_macs(cfg), n, pairs), (0, 0))

@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from malloc_ray.methods.base import LayerMemory, Method, TestSetting, register
+from malloc_ray.methods.base import Method, TestSetting, register
+from malloc_ray.methods.common.glue import (check_int, join_cached, layer_macs, macs_dict,
+                                            pair_macs, self_mask, token_memory)
 from malloc_ray.methods.heads import grouped_attention
 from malloc_ray.model.hstu import (RelativeBias, merge_heads, pointwise_attention, split_heads,
                                    visibility)
@@ -55,9 +57,7 @@ class MLA(Method):
         kv_rank: int = 64  # latent floats per token; 64 fits the paper's 15.98 MiB (§3.1)
 
         def __post_init__(self):
-            if isinstance(self.kv_rank, bool) or not isinstance(self.kv_rank, int) \
-                    or self.kv_rank < 1:
-                raise ValueError(f"kv_rank must be a positive integer, got {self.kv_rank!r}")
+            check_int("kv_rank", self.kv_rank, 1)
 
     def __init__(self, cfg, hp=None):
         super().__init__(cfg, hp)
@@ -103,23 +103,17 @@ class MLA(Method):
 
     def prefill(self, x, pos, valid):
         u, q, c = self.project(x)
-        same = torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
-        y = self.attend(u, q, c, pos, pos, valid, same, absorb=False)
-        return y, LayerMemory(payload={"latent": c},
-                              metadata={"pos": pos.to(torch.int32), "valid": valid})
+        y = self.attend(u, q, c, pos, pos, valid, self_mask(x.shape[1], 0, x.device),
+                        absorb=False)
+        return y, token_memory({"latent": c}, pos, valid)
 
     def step(self, x, pos, memory, append):
         u, q, c = self.project(x)
         latents = torch.cat([memory.payload["latent"], c], 1)
-        k_pos = torch.cat([memory.metadata["pos"].to(pos.dtype), pos], 1)
-        k_valid = torch.cat([memory.metadata["valid"], torch.ones_like(pos, dtype=torch.bool)], 1)
-        n_old, n_new = memory.payload["latent"].shape[1], x.shape[1]
-        same = torch.cat([torch.zeros(n_new, n_old, dtype=torch.bool, device=x.device),
-                          torch.eye(n_new, dtype=torch.bool, device=x.device)], 1)
+        k_pos, k_valid, same = join_cached(memory.metadata["pos"], memory.metadata["valid"], pos)
         y = self.attend(u, q, latents, pos, k_pos, k_valid, same, absorb=self.absorb)
         if append:
-            memory = LayerMemory(payload={"latent": latents},
-                                 metadata={"pos": k_pos.to(torch.int32), "valid": k_valid})
+            memory = token_memory({"latent": latents}, k_pos, k_valid)
         return y, memory
 
     @classmethod
@@ -138,7 +132,7 @@ class MLA(Method):
         tok_mm = d * 2 * D + d * r + D * d
         tok = tok_mm + 2 * D + 2 * d + 2 * D + d
         keys = n_cached + q
-        row_mm, pair_mm = tok_mm + 2 * D * r, 2 * h * r
-        return {"request": q * (tok + 2 * D * r) + q * keys * (pair_mm + h),
-                "request_matmul": q * row_mm + q * keys * pair_mm,
-                "prefill": n_cached * (tok + 2 * r * D) + n_cached * n_cached * (2 * D + h)}
+        row = (tok + 2 * D * r, tok_mm + 2 * D * r)   # + the absorption (request) or up-projection
+        latent_pair = (2 * h * r + h, 2 * h * r)
+        return macs_dict(layer_macs(row, latent_pair, q, q * keys),
+                         layer_macs(row, pair_macs(cfg), n_cached, n_cached * n_cached))

@@ -9,28 +9,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from malloc_ray.methods.base import LayerMemory, Method, TestSetting, register
-from malloc_ray.model.hstu import (HSTUConfig, RelativeBias, merge_heads, pointwise_attention,
-                                   split_heads, visibility)
-
-
-def token_macs(cfg: HSTUConfig) -> tuple[int, int]:
-    """(all counted ops, matmul-only) MACs per token per layer outside the attention pairs.
-
-    f1 d->4D (no bias), SiLU on 4D, two LayerNorms (2 ops per element), f2 D->d with bias.
-    Gating, bias adds and residuals are elementwise and not counted (ptflops convention).
-    """
-    d = D = cfg.d_model
-    matmul = d * 4 * D + D * d
-    return matmul + 4 * D + 2 * d + 2 * D + d, matmul
-
-
-def pair_macs(cfg: HSTUConfig) -> tuple[int, int]:
-    """(all, matmul-only) MACs per (query, key) pair per layer: QK^T, SiLU per head, A.V."""
-    D, H = cfg.d_model, cfg.num_heads
-    return 2 * D + H, 2 * D
+from malloc_ray.methods.base import Method, TestSetting, register
+from malloc_ray.methods.common.glue import (hstu_layers, join_cached, layer_macs, macs_dict,
+                                            pair_macs, self_mask, token_macs, token_memory)
+from malloc_ray.model.hstu import (HSTUConfig, merge_heads, pointwise_attention, split_heads,
+                                   visibility)
 
 
 class HSTUAttention(Method):
@@ -38,10 +22,7 @@ class HSTUAttention(Method):
 
     def __init__(self, cfg: HSTUConfig, hp=None):
         super().__init__(cfg, hp)
-        D = cfg.d_model
-        self.f1 = nn.Linear(cfg.d_model, 4 * D, bias=False)
-        self.rab = RelativeBias(cfg.num_heads, cfg.num_buckets, cfg.max_distance)
-        self.out_norm = nn.LayerNorm(D)
+        self.f1, self.rab, self.out_norm = hstu_layers(cfg, 4 * cfg.d_model)  # u, q, k, v
 
     def project(self, x):
         u, q, k, v = self.f1(x).chunk(4, dim=-1)
@@ -58,8 +39,7 @@ class HSTUAttention(Method):
 
     def forward(self, x, pos, valid):
         u, q, k, v = self.project(x)
-        same = torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
-        return self.attend(u, q, k, v, pos, pos, valid, same)
+        return self.attend(u, q, k, v, pos, pos, valid, self_mask(x.shape[1], 0, x.device))
 
 
 @register
@@ -72,24 +52,17 @@ class Native(HSTUAttention):
 
     def prefill(self, x, pos, valid):
         u, q, k, v = self.project(x)
-        same = torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
-        y = self.attend(u, q, k, v, pos, pos, valid, same)
-        return y, LayerMemory(payload={"k": k, "v": v},
-                              metadata={"pos": pos.to(torch.int32), "valid": valid})
+        y = self.attend(u, q, k, v, pos, pos, valid, self_mask(x.shape[1], 0, x.device))
+        return y, token_memory({"k": k, "v": v}, pos, valid)
 
     def step(self, x, pos, memory, append):
         u, q, k, v = self.project(x)
         mem = memory.payload
         keys, values = torch.cat([mem["k"], k], 2), torch.cat([mem["v"], v], 2)
-        k_pos = torch.cat([memory.metadata["pos"].to(pos.dtype), pos], 1)
-        k_valid = torch.cat([memory.metadata["valid"], torch.ones_like(pos, dtype=torch.bool)], 1)
-        n_old, n_new = mem["k"].shape[2], x.shape[1]
-        same = torch.cat([torch.zeros(n_new, n_old, dtype=torch.bool, device=x.device),
-                          torch.eye(n_new, dtype=torch.bool, device=x.device)], 1)
+        k_pos, k_valid, same = join_cached(memory.metadata["pos"], memory.metadata["valid"], pos)
         y = self.attend(u, q, keys, values, pos, k_pos, k_valid, same)
         if append:
-            memory = LayerMemory(payload={"k": keys, "v": values},
-                                 metadata={"pos": k_pos.to(torch.int32), "valid": k_valid})
+            memory = token_memory({"k": keys, "v": values}, k_pos, k_valid)
         return y, memory
 
     @classmethod
@@ -99,9 +72,7 @@ class Native(HSTUAttention):
 
     @classmethod
     def macs(cls, cfg, hp, n_cached, q=1):
-        tok, tok_mm = token_macs(cfg)
-        pair, pair_mm = pair_macs(cfg)
+        tok, pair = token_macs(cfg), pair_macs(cfg)
         keys = n_cached + q  # dense: every candidate row is computed against every key
-        return {"request": q * tok + q * keys * pair,
-                "request_matmul": q * tok_mm + q * keys * pair_mm,
-                "prefill": n_cached * tok + n_cached * n_cached * pair}
+        return macs_dict(layer_macs(tok, pair, q, q * keys),
+                         layer_macs(tok, pair, n_cached, n_cached * n_cached))

@@ -37,7 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from malloc_ray.methods.base import LayerMemory, TestSetting, register
-from malloc_ray.methods.native import HSTUAttention, pair_macs, token_macs
+from malloc_ray.methods.common.glue import (check_bool, check_int, layer_macs, macs_dict,
+                                            pair_macs, self_mask, token_macs)
+from malloc_ray.methods.native import HSTUAttention
 from malloc_ray.model.hstu import merge_heads, pointwise_attention, split_heads, visibility
 
 
@@ -130,16 +132,13 @@ class Rec2PM(HSTUAttention):
         store_kv: bool = False    # keep the memory's K,V (2·d per slot), not its tokens (d)
 
         def __post_init__(self):
-            for key in ("chunk", "slots"):
-                value = getattr(self, key)
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise ValueError(f"{key} must be a positive integer, got {value!r}")
+            check_int("chunk", self.chunk, 1)
+            check_int("slots", self.slots, 1)
             lam = self.consistency
             if isinstance(lam, bool) or not isinstance(lam, (int, float)) \
                     or not math.isfinite(lam) or lam < 0:
                 raise ValueError(f"consistency must be a finite number >= 0, got {lam!r}")
-            if not isinstance(self.store_kv, bool):
-                raise ValueError(f"store_kv must be true or false, got {self.store_kv!r}")
+            check_bool("store_kv", self.store_kv)
 
     def __init__(self, cfg, hp=None):
         super().__init__(cfg, hp)  # f1, rab, out_norm: Native's parameters, same names
@@ -280,8 +279,7 @@ class Rec2PM(HSTUAttention):
         m_valid = torch.cat([ver[3] for ver in versions], 1)
         see_mem = m_valid[:, None, :] & (chunk_of(m_pos + 1, L)[:, None, :] == q_chunk)
         n_q, n_r = x.shape[1], rk.shape[2]
-        same = torch.cat([torch.zeros(n_q, n_r - n_q, dtype=torch.bool, device=x.device),
-                          torch.eye(n_q, dtype=torch.bool, device=x.device)], 1)
+        same = self_mask(n_q, n_r - n_q, x.device)
         see_raw = visibility(pos, rpos, rvalid, same)[:, 0] & (chunk_of(rpos, L)[:, None, :]
                                                                == q_chunk)
         keys = torch.cat([ver[0] for ver in versions] + [rk], 2)
@@ -373,8 +371,7 @@ class Rec2PM(HSTUAttention):
 
     @classmethod
     def macs(cls, cfg, hp, n_cached, q=1):
-        tok, tok_mm = token_macs(cfg)
-        pair, pair_mm = pair_macs(cfg)
+        tok, pair = token_macs(cfg), pair_macs(cfg)
         D = cfg.d_model
         slots, tail = cls.kept(hp, n_cached)
         keys = slots + tail + q                 # dense over [memory; unfinished chunk; cands]
@@ -383,9 +380,8 @@ class Rec2PM(HSTUAttention):
         project_silu = 0 if hp.store_kv else slots * 2 * D
         # prefill as computed: every history row against [every memory version; all raw]
         versions = (n_cached // hp.chunk) * hp.slots
-        f_all, f_mm = cls.fold_macs(cfg, hp, n_cached)
-        return {"request": q * tok + project + project_silu + q * keys * pair,
-                "request_matmul": q * tok_mm + project + q * keys * pair_mm,
-                "prefill": n_cached * tok + n_cached * (versions + n_cached) * pair + f_all,
-                "prefill_matmul": n_cached * tok_mm + n_cached * (versions + n_cached) * pair_mm
-                + f_mm}
+        prefill_pairs = n_cached * (versions + n_cached)
+        return macs_dict(layer_macs(tok, pair, q, q * keys, (project + project_silu, project)),
+                         layer_macs(tok, pair, n_cached, prefill_pairs,
+                                    cls.fold_macs(cfg, hp, n_cached)),
+                         prefill_matmul=True)

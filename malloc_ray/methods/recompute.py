@@ -8,7 +8,8 @@ layer. Its scores must equal Native's cached ones; its cost is the full quadrati
 from __future__ import annotations
 
 from malloc_ray.methods.base import TestSetting, register
-from malloc_ray.methods.native import HSTUAttention, pair_macs, token_macs
+from malloc_ray.methods.common.glue import layer_macs, macs_dict, pair_macs, token_macs
+from malloc_ray.methods.native import HSTUAttention
 
 
 @register
@@ -21,8 +22,5 @@ class WoMem(HSTUAttention):
 
     @classmethod
     def macs(cls, cfg, hp, n_cached, q=1):
-        tok, tok_mm = token_macs(cfg)
-        pair, pair_mm = pair_macs(cfg)
         n = n_cached + q  # full-matrix count over history and candidates, as the paper does
-        return {"request": n * tok + n * n * pair, "request_matmul": n * tok_mm + n * n * pair_mm,
-                "prefill": 0}
+        return macs_dict(layer_macs(token_macs(cfg), pair_macs(cfg), n, n * n), (0, 0))

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from malloc_ray.methods.base import Method, TestSetting, register
-from malloc_ray.methods.longformer import previous_chunks, target_rows
-from malloc_ray.model.hstu import (HSTUConfig, RelativeBias, merge_heads, relative_bucket,
-                                   split_heads)
+from malloc_ray.methods.common.chunks import previous_chunks, target_rows
+from malloc_ray.methods.common.glue import (check_bool, check_int, hstu_layers, layer_macs,
+                                            macs_dict, pair_macs, pointwise_weights)
+from malloc_ray.model.hstu import HSTUConfig, merge_heads, relative_bucket, split_heads
 
 
 def resolve_buckets(cfg: HSTUConfig, hp) -> int:
@@ -89,24 +89,19 @@ class Reformer(Method):
         mask_self: bool = True         # mask the own score unless nothing else is visible
 
         def __post_init__(self):
-            for name in ("bucket_size", "n_hashes"):
-                value = getattr(self, name)
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-            if not isinstance(self.mask_self, bool):
-                raise ValueError(f"mask_self must be true or false, got {self.mask_self!r}")
+            check_int("bucket_size", self.bucket_size, 1)
+            check_int("n_hashes", self.n_hashes, 1)
+            check_bool("mask_self", self.mask_self)
             nb = self.n_buckets
-            if nb is not None and (isinstance(nb, bool) or not isinstance(nb, int) or nb < 1
-                                   or (nb > 1 and nb % 2)):
-                raise ValueError(f"n_buckets must be 1 or an even integer >= 2 (hashing takes "
-                                 f"argmax over [xR, -xR]), got {nb!r}")
+            if nb is not None:
+                check_int("n_buckets", nb, 1)
+                if nb > 1 and nb % 2:
+                    raise ValueError(f"n_buckets must be 1 or an even integer >= 2 (hashing "
+                                     f"takes argmax over [xR, -xR]), got {nb!r}")
 
     def __init__(self, cfg: HSTUConfig, hp=None):
         super().__init__(cfg, hp)
-        D = cfg.d_model
-        self.f1 = nn.Linear(cfg.d_model, 3 * D, bias=False)
-        self.rab = RelativeBias(cfg.num_heads, cfg.num_buckets, cfg.max_distance)
-        self.out_norm = nn.LayerNorm(D)
+        self.f1, self.rab, self.out_norm = hstu_layers(cfg, 3 * cfg.d_model)  # u, qk, v
         self.n_buckets = resolve_buckets(cfg, self.hp)
         rotations = torch.randn(self.hp.n_hashes, cfg.head_dim, self.n_buckets // 2)
         self.register_buffer("rotations", rotations)  # fixed: saved, never trained or redrawn
@@ -185,7 +180,7 @@ class Reformer(Method):
         heads = torch.arange(h, device=x.device).view(1, h, 1, 1, 1, 1)
         bias = lut[heads, (q_pos - k_pos).clamp(0, far)]
         scores = torch.matmul(qs, ks.transpose(-1, -2)) + bias
-        weights = F.silu(scores) / self.cfg.divisor * mask
+        weights = pointwise_weights(scores, mask, self.cfg.divisor)
         out = torch.matmul(weights, vs).view(b, h, r, n_pad, dh)
         # back to time order, average the rounds
         unsorted = torch.empty_like(out).scatter_(-2, order[..., None].expand_as(out), out)
@@ -197,13 +192,12 @@ class Reformer(Method):
         """A request re-runs N = n_cached + q tokens: shared-QK projections, hashing (N D nb/2
         per round), and per round chunks of c = min(bucket_size, N) queries against their own
         and m previous chunks (m from `lookback_chunks`, 2 for one candidate)."""
-        tok, tok_mm = shared_token_macs(cfg)
+        tok = shared_token_macs(cfg)
         n = n_cached + q
-        nb, size, D, H = resolve_buckets(cfg, hp), hp.bucket_size, cfg.d_model, cfg.num_heads
+        nb, size, D = resolve_buckets(cfg, hp), hp.bucket_size, cfg.d_model
         c = max(1, min(size, n))
         n_chunks = math.ceil(n / c)
         m = lookback_chunks(c, size, n_chunks, q)
         pairs = hp.n_hashes * n_chunks * c * (m + 1) * c
         hashing = hp.n_hashes * n * D * (nb // 2) if nb > 1 else 0
-        return {"request": n * tok + hashing + pairs * (2 * D + H),
-                "request_matmul": n * tok_mm + hashing + pairs * 2 * D, "prefill": 0}
+        return macs_dict(layer_macs(tok, pair_macs(cfg), n, pairs, (hashing, hashing)), (0, 0))

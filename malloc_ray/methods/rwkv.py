@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from malloc_ray.methods.base import LayerMemory, Method, TestSetting, register
+from malloc_ray.methods.common.glue import macs_dict
 
 NEG = -1e30  # "exp of this is 0": the empty state's pp, and masked exponents (finite: no NaN)
 
@@ -210,4 +211,4 @@ class RWKV(Method):
     @classmethod
     def macs(cls, cfg, hp, n_cached, q=1):
         tok, tok_mm = cls.token_macs(cfg)
-        return {"request": q * tok, "request_matmul": q * tok_mm, "prefill": n_cached * tok}
+        return macs_dict((q * tok, q * tok_mm), (n_cached * tok, n_cached * tok_mm))

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from malloc_ray.methods.base import TestSetting, register
-from malloc_ray.methods.prune import INF, TokenPrune, check_int
+from malloc_ray.methods.common.glue import check_int
+from malloc_ray.methods.common.prune import INF, TokenPrune
 
 
 @dataclass(frozen=True)

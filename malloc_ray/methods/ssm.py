@@ -34,12 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from malloc_ray.methods.base import LayerMemory, Method, TestSetting, register
-
-
-def _check_int(name: str, value, low: int) -> None:
-    # bool is an int subclass: `expand: true` in a YAML would silently mean 1
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+from malloc_ray.methods.common.glue import check_int, macs_dict
 
 
 # -- scans: h_t = dA_t ⊙ h_{t-1} + dBu_t from h_0 = 0, over dim 1 ----------------------------
@@ -124,7 +119,7 @@ class HolographicBinding(nn.Module):
 
     def __init__(self, d_model: int, categories: int, alpha: float = 1.0):
         super().__init__()
-        _check_int("categories", categories, 1)
+        check_int("categories", categories, 1)
         self.categories = categories
         self.category_emb = nn.Embedding(categories, d_model)
         nn.init.normal_(self.category_emb.weight, std=1 / math.sqrt(d_model))  # unit norm
@@ -183,10 +178,10 @@ class SelectiveSSM(Method):
         dt_rank: int = 0   # R: rank of Δ's projection; 0 = ceil(d_model / 16), Mamba's "auto"
 
         def __post_init__(self):
-            _check_int("d_state", self.d_state, 1)
-            _check_int("expand", self.expand, 1)
-            _check_int("d_conv", self.d_conv, 1)
-            _check_int("dt_rank", self.dt_rank, 0)
+            check_int("d_state", self.d_state, 1)
+            check_int("expand", self.expand, 1)
+            check_int("d_conv", self.d_conv, 1)
+            check_int("dt_rank", self.dt_rank, 0)
 
     # The state is a constant size, so every length compresses once Native's cache outgrows
     # it: the defaults keep 2176 B per layer on the tiny model, Native 10440 B at 20
@@ -337,4 +332,4 @@ class SelectiveSSM(Method):
     def macs(cls, cfg, hp, n_cached, q=1):
         tok, tok_mm = cls.token_macs(cfg, hp)
         # independent of n_cached: the state is all a request reads; prefill is linear.
-        return {"request": q * tok, "request_matmul": q * tok_mm, "prefill": n_cached * tok}
+        return macs_dict((q * tok, q * tok_mm), (n_cached * tok, n_cached * tok_mm))

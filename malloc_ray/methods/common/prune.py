@@ -1,4 +1,5 @@
-"""Shared machinery for per-head token pruning (H2O, SnapKV; docs/methods/h2o.md).
+"""`TokenPrune`, the base of the per-head token-pruning methods (h2o.py, snapkv.py; no method
+of its own; docs/methods/h2o.md).
 
 A pruned memory keeps, per layer, user and head, at most `budget` history tokens: their K, V
 and their ORIGINAL positions, so the relative bias of a later query is the one full attention
@@ -25,22 +26,14 @@ forward at the target while rows before it stay exact.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from malloc_ray.methods.base import LayerMemory
-from malloc_ray.methods.native import Native, pair_macs, token_macs
+from malloc_ray.methods.common.glue import (join_cached, layer_macs, macs_dict, pair_macs,
+                                            pointwise_weights, self_mask, token_macs)
+from malloc_ray.methods.native import Native
 from malloc_ray.model.hstu import RelativeBias, merge_heads, relative_bucket, visibility
 
 INF = float("inf")
-
-
-def check_int(name: str, value, low: int, high: int | None = None) -> None:
-    """Hyperparameter check: an int (not a bool) in [low, high]."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < low or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be {bound}, got {value}")
 
 
 # -- per-head attention over kept tokens ---------------------------------------------------
@@ -64,7 +57,7 @@ def head_visibility(q_pos, k_pos, k_valid, same) -> torch.Tensor:
 def attention_weights(q, k, bias, mask, divisor: float) -> torch.Tensor:
     """A = SiLU(QK^T + rab) / n, masked: the same ops as `hstu.pointwise_attention`, but the
     weights are returned because the pruning scores are read from them."""
-    return F.silu(torch.matmul(q, k.transpose(-1, -2)) + bias) / divisor * mask
+    return pointwise_weights(torch.matmul(q, k.transpose(-1, -2)) + bias, mask, divisor)
 
 
 # -- selection -----------------------------------------------------------------------------
@@ -130,23 +123,16 @@ class TokenPrune(Native):
 
     def full(self, u, q, k, v, pos, valid):
         """Exact attention over the whole sequence; also returns weights and mask."""
-        same = torch.eye(q.shape[2], dtype=torch.bool, device=q.device)
-        mask = visibility(pos, pos, valid, same)
+        mask = visibility(pos, pos, valid, self_mask(q.shape[2], 0, q.device))
         w = attention_weights(q, k, self.rab(pos, pos), mask, self.cfg.divisor)
         return u * self.out_norm(merge_heads(torch.matmul(w, v))), w, mask
 
     def attend_memory(self, u, q, k, v, pos, memory):
         """New tokens against [kept tokens; themselves]; returns y and what the update needs."""
-        b, h, n_new = q.shape[0], q.shape[1], q.shape[2]
         mem = memory.payload
-        n_old = mem["k"].shape[2]
         keys, values = torch.cat([mem["k"], k], 2), torch.cat([mem["v"], v], 2)
-        k_pos = torch.cat([memory.metadata["pos"].to(pos.dtype),
-                           pos[:, None].expand(b, h, n_new)], 2)
-        k_valid = torch.cat([memory.metadata["valid"],
-                             torch.ones(b, h, n_new, dtype=torch.bool, device=q.device)], 2)
-        same = torch.cat([torch.zeros(n_new, n_old, dtype=torch.bool, device=q.device),
-                          torch.eye(n_new, dtype=torch.bool, device=q.device)], 1)
+        # per-head kept positions (B, H, K): the own tokens' are broadcast to every head
+        k_pos, k_valid, same = join_cached(memory.metadata["pos"], memory.metadata["valid"], pos)
         mask = head_visibility(pos, k_pos, k_valid, same)
         w = attention_weights(q, keys, head_bias(self.rab, pos, k_pos), mask, self.cfg.divisor)
         y = u * self.out_norm(merge_heads(torch.matmul(w, values)))
@@ -193,10 +179,8 @@ class TokenPrune(Native):
 
     @classmethod
     def macs(cls, cfg, hp, n_cached, q=1):
-        tok, tok_mm = token_macs(cfg)
-        pair, pair_mm = pair_macs(cfg)
+        tok, pair = token_macs(cfg), pair_macs(cfg)
         keys = min(hp.budget, n_cached) + q  # kept tokens + the candidates' own (dense rows)
-        return {"request": q * tok + q * keys * pair,
-                "request_matmul": q * tok_mm + q * keys * pair_mm,
-                "prefill": n_cached * tok + n_cached * n_cached * pair
-                + cls.scoring_macs(cfg, hp, n_cached)}
+        scoring = cls.scoring_macs(cfg, hp, n_cached)  # not a matmul
+        return macs_dict(layer_macs(tok, pair, q, q * keys),
+                         layer_macs(tok, pair, n_cached, n_cached * n_cached, (scoring, 0)))

@@ -1,4 +1,5 @@
-"""The shared quantizer of the precision methods (KIVI, IntactKV): asymmetric min-max, packed.
+"""The shared quantizer of the precision methods (kivi.py, intactkv.py; no method of its own):
+asymmetric min-max, packed.
 
 A tensor is cut into contiguous groups of `group` elements along one axis (the last group may
 be shorter); each group gets its own zero point (the min) and scale ((max - min) / (2^b - 1)):
