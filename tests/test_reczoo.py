@@ -18,7 +18,7 @@ from malloc_ray import cli
 from malloc_ray.data.prepare import build_sequences, prepare
 from malloc_ray.data.sources import (PROFILES, read_amazon_x1, read_kuaivideo_x1,
                                      read_longctr_x2, read_microvideo_x1)
-from malloc_ray.data.sources import reczoo
+from malloc_ray.data.sources import reczoo_csv
 from malloc_ray.data.sources.reczoo import Layout, read_columns
 from malloc_ray.errors import InputError
 
@@ -182,7 +182,7 @@ def test_bad_kuaivideo_rows_name_file_and_line(tmp_path, bad, message):
 
 
 def test_bad_row_deep_in_a_big_file_gets_its_line(tmp_path, monkeypatch):
-    monkeypatch.setattr(reczoo, "_BLOCK_BYTES", 256)  # many blocks, parsed on several threads
+    monkeypatch.setattr(reczoo_csv, "_BLOCK_BYTES", 256)  # many blocks, parsed on several threads
     lines = [f"{t},{t % 7},{t + 10},{t % 2},0,0,{t}^{t + 1},{t + 2}" for t in range(3000)]
     for line_no, bad in ((2501, "1,2,3,0,0,0,4^^5,6"), (2702, "1,2,3"), (1203, "1,2,x,0,0,0,,")):
         rows = list(lines)

@@ -95,7 +95,7 @@ def _batches(path: Path, columns: list[str], delimiter: str | None
     else:
         if delimiter is None:
             delimiter = "\t" if path.suffix.lower() in (".tsv", ".inter") else ","
-        yield from _csv_batches(path, columns, delimiter)
+        yield from csv_batches(path, columns, delimiter)
 
 
 def _parquet_batches(path: Path, columns: list[str]) -> Iterator[tuple[int, pa.RecordBatch]]:
@@ -139,8 +139,10 @@ def _utf8(value: bytes | None) -> bool:
     return True
 
 
-def _csv_batches(path: Path, columns: list[str], delimiter: str
-                 ) -> Iterator[tuple[int, pa.RecordBatch]]:
+def csv_batches(path: Path, columns: list[str], delimiter: str
+                ) -> Iterator[tuple[int, pa.RecordBatch]]:
+    """Yield (1-based data row, batch of text columns), single-threaded so that a malformed
+    row raises naming its physical line (also the reczoo readers' slow pass)."""
     header = read_header(path, delimiter)
     _require_columns(header, columns, path)
     bad_lines: list[tuple[int, int, int]] = []

@@ -20,7 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from malloc_ray.data.sources.reczoo import Progress, SourceLog, _Bar
+from malloc_ray.data.sources.progress import ByteProgress, Progress
+from malloc_ray.data.sources.reczoo_files import SourceLog, dataset_files
 from malloc_ray.errors import InputError
 
 X2_FILES = ("train.parquet", "valid.parquet", "test.parquet")
@@ -36,21 +37,21 @@ def read_longctr_x2(path: str | Path, *, files: list[str] | tuple[str, ...] = X2
         raise InputError("not a directory (expected a LongCTR x2 dataset directory)",
                          file=str(root))
     seq_lens = _user_seq_lengths(root / "user_info.parquet")
-    found = [root / name for name in files]
-    for file in found:
-        if not file.is_file():
-            raise InputError(f"no such file in the dataset directory (reading: "
-                             f"{', '.join(files)})", file=str(file))
-    bar = _Bar("LongCTR_x2", sum(f.stat().st_size for f in found), progress)
+    found = dataset_files(root, files)
+    bar = ByteProgress("LongCTR_x2", sum(f.stat().st_size for f in found), progress)
     cols, parts = [], []
-    for file in found:
-        rows = 0
-        for row0, batch in _batches(file, label):
-            cols.append(_validate(batch, label, seq_lens, str(file), row0))
-            rows += batch.num_rows
-            bar.advance(batch.num_rows)
-        parts.append((str(file), rows))
-    bar.done()
+    try:
+        for file in found:
+            rows = 0
+            for row0, batch, nbytes in _batches(file, label):
+                cols.append(_validate(batch, label, seq_lens, str(file), row0))
+                rows += batch.num_rows
+                bar.advance(nbytes, batch.num_rows)
+            parts.append((str(file), rows))
+    except BaseException:
+        bar.abandon()
+        raise
+    bar.close()
     user, item, click, seq_len = (np.concatenate(c) for c in zip(*cols))
     return SourceLog(user, item, click, seq_len, sort_key=2 * seq_len + click,
                      file=str(root), parts=tuple(parts))
@@ -78,10 +79,14 @@ def _batches(file: Path, label: str):
         if col not in pfile.schema_arrow.names:
             raise InputError(f"column {col!r} not found (columns: "
                              f"{', '.join(pfile.schema_arrow.names)})", file=str(file), key=col)
-    row0 = 1
+    # A batch stands for its rows' share of the file's bytes (cumulative, so the shares add
+    # up to the file's size exactly).
+    size, total_rows = file.stat().st_size, max(pfile.metadata.num_rows, 1)
+    row0 = done = 0
     for batch in pfile.iter_batches(batch_size=_BATCH_ROWS, columns=columns):
-        yield row0, batch
-        row0 += batch.num_rows
+        upto = size * min(row0 + batch.num_rows, total_rows) // total_rows
+        yield row0 + 1, batch, upto - done
+        row0, done = row0 + batch.num_rows, upto
 
 
 def _validate(batch: pa.RecordBatch, label: str, seq_lens: np.ndarray, file: str, row0: int):
