@@ -27,13 +27,14 @@ import torch
 
 
 def make_model(args, device: str):
+    from malloc_ray.methods import get_method
     from malloc_ray.model.ctr import CTRModel
     from malloc_ray.model.hstu import HSTUConfig
 
     torch.manual_seed(0)
     cfg = HSTUConfig(d_model=args.d_model, num_heads=args.heads, num_layers=args.depth,
                      max_len=args.length, dropout=0.0)
-    return CTRModel(cfg, "native", vocab_size=args.vocab).to(device)
+    return CTRModel(cfg, get_method("native"), vocab_size=args.vocab).to(device)
 
 
 def make_batch(args, device: str) -> dict:

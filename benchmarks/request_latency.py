@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from malloc_ray.methods import method_names
+from malloc_ray.methods import get_method, method_names
 from malloc_ray.metrics.cost import closed_form_macs
 from malloc_ray.model.ctr import CTRModel
 from malloc_ray.model.hstu import HSTUConfig
@@ -50,7 +50,7 @@ def measure(cfg: HSTUConfig, names: list[str], length: int, repeats: int) -> lis
     rows = []
     with torch.no_grad():
         for name in names:
-            model = CTRModel(cfg, name, vocab_size=1000).eval()
+            model = CTRModel(cfg, get_method(name), vocab_size=1000).eval()
             seconds, prefill = time_request(model, length, repeats)
             macs = closed_form_macs(model, length - 1)["request"]
             rows.append((name, seconds, prefill, macs))
@@ -81,7 +81,7 @@ def native_profile(cfg: HSTUConfig, length: int, repeats: int) -> dict[str, floa
     and the rest (elementwise ops over scores, masks, Python-side small ops)."""
     from torch.profiler import ProfilerActivity, profile
 
-    model = CTRModel(cfg, "native", vocab_size=1000).eval()
+    model = CTRModel(cfg, get_method("native"), vocab_size=1000).eval()
     g = torch.Generator().manual_seed(0)
     items = torch.randint(1, 1000, (1, length - 1), generator=g)
     labels = torch.randint(0, 2, (1, length - 1), generator=g)
@@ -105,7 +105,8 @@ def native_breakdown(cfg: HSTUConfig, rows: list[tuple], length: int, repeats: i
     if "native" not in by_name or "wo_mem" not in by_name:
         return
     with torch.no_grad():
-        floor, _ = time_request(CTRModel(cfg, "native", vocab_size=1000).eval(), 2, repeats)
+        native = CTRModel(cfg, get_method("native"), vocab_size=1000).eval()
+        floor, _ = time_request(native, 2, repeats)
     request, base = by_name["native"][1], by_name["wo_mem"]
     ratio, grows = base[3] / by_name["native"][3], request - floor
     net = (f"net of the floor the speed-up is {base[1] / grows:.1f}x = "

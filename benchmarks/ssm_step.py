@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from malloc_ray.methods import get_method
 from malloc_ray.metrics.cost import closed_form_macs, measure_user_bytes
 from malloc_ray.model.ctr import CTRModel
 from malloc_ray.model.hstu import HSTUConfig
@@ -31,7 +32,7 @@ VOCAB = 1000
 def prefilled(cfg: HSTUConfig, method: str, length: int):
     """A model and one user's memory after length-1 interactions, and a candidate."""
     torch.manual_seed(0)
-    model = CTRModel(cfg, method, vocab_size=VOCAB).eval()
+    model = CTRModel(cfg, get_method(method), vocab_size=VOCAB).eval()
     g = torch.Generator().manual_seed(0)
     items = torch.randint(1, VOCAB, (1, length - 1), generator=g)
     labels = torch.randint(0, 2, (1, length - 1), generator=g)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from malloc_ray.methods import get_method
 from malloc_ray.model.ctr import CTRModel
 from malloc_ray.model.hstu import HSTUConfig
 
@@ -17,7 +18,7 @@ def tiny_model(method: str, layers: int = 3, seed: int = 0, **kwargs) -> CTRMode
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(seed)
-    return CTRModel(tiny_config(layers), method, VOCAB, **kwargs).eval()
+    return CTRModel(tiny_config(layers), get_method(method), VOCAB, **kwargs).eval()
 
 
 def random_batch(lengths, seed: int = 0):

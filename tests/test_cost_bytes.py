@@ -17,6 +17,7 @@ from malloc_ray import cli
 from malloc_ray.methods import method_names
 from malloc_ray.metrics.cost import PAPER_SCALE, cost_summary, cost_table, measure_user_bytes
 from malloc_ray.metrics.paper_compat import PROFILES
+from malloc_ray.methods import get_method
 from malloc_ray.model.ctr import CTRModel
 from malloc_ray.model.hstu import HSTUConfig
 
@@ -37,7 +38,7 @@ def one_thread():
 def paper_width_model(method: str, max_len: int, layers: int = LAYERS) -> CTRModel:
     cfg = HSTUConfig(max_len=max_len, dropout=0.0, **{**PAPER_SCALE, "num_layers": layers})
     torch.manual_seed(0)
-    return CTRModel(cfg, method, VOCAB).eval()
+    return CTRModel(cfg, get_method(method), VOCAB).eval()
 
 
 def mib(nbytes: int) -> str:

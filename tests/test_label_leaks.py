@@ -22,6 +22,7 @@ from malloc_ray.config import TrialConfig
 from malloc_ray.data.loader import load_dataset, local_batches
 from malloc_ray.data.prepare import prepare, write_dataset
 from malloc_ray.data.sources import SOURCES, read_amazon_x1
+from malloc_ray.methods import get_method
 from malloc_ray.model.ctr import CTRModel
 from malloc_ray.model.hstu import HSTUConfig
 from malloc_ray.train.trial import run_trial
@@ -160,8 +161,8 @@ def test_cached_scoring_of_candidates_equals_recompute(which, request):
     ds = load_dataset(path)
     torch.manual_seed(0)
     cfg = HSTUConfig(d_model=32, num_heads=4, num_layers=2, max_len=32, dropout=0.0)
-    native = CTRModel(cfg, "native", ds.meta["vocab_size"]).eval()
-    recompute = CTRModel(cfg, "wo_mem", ds.meta["vocab_size"]).eval()
+    native = CTRModel(cfg, get_method("native"), ds.meta["vocab_size"]).eval()
+    recompute = CTRModel(cfg, get_method("wo_mem"), ds.meta["vocab_size"]).eval()
     recompute.load_state_dict(native.state_dict())
     batches = itertools.islice(local_batches(ds, "valid", 64, 32), 4)
     for batch in batches:

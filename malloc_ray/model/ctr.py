@@ -9,45 +9,38 @@ Serving splits that pass in two:
     memory = model.prefill(history items, labels, lengths)   # once per user, kept
     logits = model.score(memory, candidates)                 # per request
     memory, item_logits = model.append(memory, items, labels)  # new interactions arrive
+model/serving.py holds both ways of doing it (cached layer memory, or recompute from raw ids).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from malloc_ray.config import LOSS_POSITIONS
 from malloc_ray.errors import InputError
-from malloc_ray.methods.base import LayerMemory, get_method
 from malloc_ray.model.hstu import HSTUBlock, HSTUConfig
-
-LOSS_POSITIONS = ("all", "last")
-
-
-@dataclass
-class UserMemory:
-    """Per-user serving state: one LayerMemory per layer, or the raw ids for recompute methods."""
-
-    layers: list[LayerMemory]
-    next_pos: torch.Tensor              # (B,) position the next item token takes
-    raw: dict[str, torch.Tensor] | None = None  # recompute methods: history ids (not counted)
-
-    def nbytes(self, metadata: bool = False) -> int:
-        return sum(m.nbytes(metadata) for m in self.layers)
+from malloc_ray.model.serving import CachedServing, RecomputeServing, UserMemory
 
 
 class CTRModel(nn.Module):
-    def __init__(self, cfg: HSTUConfig, method: str, vocab_size: int, hparams: dict | None = None,
-                 loss_positions: str = "all"):
+    """`method_cls` is a memory-method class (malloc_ray.methods.get_method(name)): the model is
+    handed it rather than looking a name up, so model/ never imports the method registry."""
+
+    def __init__(self, cfg: HSTUConfig, method_cls: type[nn.Module], vocab_size: int,
+                 hparams: dict | None = None, loss_positions: str = "all"):
         super().__init__()
+        if isinstance(method_cls, str):
+            raise TypeError(f"CTRModel takes a method class, not a name: pass "
+                            f"malloc_ray.methods.get_method({method_cls!r})")
         if loss_positions not in LOSS_POSITIONS:
             raise InputError(f"must be one of {LOSS_POSITIONS}, got {loss_positions!r}",
                              key="loss_positions")
         self.cfg, self.loss_positions = cfg, loss_positions
-        self.method = get_method(method)
+        self.method = method_cls
         self.hp = self.method.parse_hparams(hparams)
+        self.serving = RecomputeServing if method_cls.recompute else CachedServing
         self.item_emb = nn.Embedding(vocab_size, cfg.d_model, padding_idx=0)
         self.label_emb = nn.Embedding(2, cfg.d_model)
         self.blocks = nn.ModuleList(HSTUBlock(cfg, self.method(cfg, self.hp))
@@ -114,61 +107,19 @@ class CTRModel(nn.Module):
         memory = self.prefill(items[:, :-1], labels[:, :-1], lengths - 1)
         return torch.sigmoid(self.score(memory, items[:, -1:])[:, 0])
 
-    # -- serving path --------------------------------------------------------------------
+    # -- serving path (model/serving.py) ------------------------------------------------
     @torch.no_grad()
     def prefill(self, items, labels, lengths) -> UserMemory:
         """Run a history of interactions (all labels known) and keep what the method keeps."""
-        next_pos = 2 * lengths
-        if self.method.recompute:
-            return UserMemory([], next_pos, raw={"items": items, "labels": labels,
-                                                 "lengths": lengths})
-        x, pos, valid = self.interleave(items, labels, lengths)
-        layers = []
-        for block in self.blocks:
-            x, memory = block.prefill(x, pos, valid)
-            layers.append(memory)
-        return UserMemory(layers, next_pos)
+        return self.serving.prefill(self, items, labels, lengths)
 
     @torch.no_grad()
     def score(self, memory: UserMemory, candidates: torch.Tensor) -> torch.Tensor:
         """Logits of (B, q) candidate items; each sees the history and itself only."""
-        b, q = candidates.shape
-        x = self.item_emb(candidates)
-        pos = memory.next_pos[:, None].expand(b, q)
-        if self.method.recompute:
-            hx, hpos, hvalid = self.interleave(memory.raw["items"], memory.raw["labels"],
-                                               memory.raw["lengths"])
-            x = torch.cat([hx, x], 1)
-            pos = torch.cat([hpos, pos], 1)
-            valid = torch.cat([hvalid, torch.ones_like(pos[:, -q:], dtype=torch.bool)], 1)
-            for block in self.blocks:
-                x = block(x, pos, valid)
-            return self.head(x[:, -q:])
-        for block, layer_memory in zip(self.blocks, memory.layers):
-            x, _ = block.step(x, pos, layer_memory, append=False)
-        return self.head(x)
+        return self.serving.score(self, memory, candidates)
 
     @torch.no_grad()
     def append(self, memory: UserMemory, items, labels) -> tuple[UserMemory, torch.Tensor]:
         """Add k interactions per user (B, k); returns the new memory and the logits each new
         item had before its label was known (what the serving system scored)."""
-        k = items.shape[1]
-        lengths = torch.full_like(memory.next_pos, k)
-        x, pos, _ = self.interleave(items, labels, lengths, start=memory.next_pos)
-        if self.method.recompute:
-            raw = memory.raw
-            hx, hpos, hvalid = self.interleave(raw["items"], raw["labels"], raw["lengths"])
-            h = torch.cat([hx, x], 1)
-            p = torch.cat([hpos, pos], 1)
-            v = torch.cat([hvalid, torch.ones_like(pos, dtype=torch.bool)], 1)
-            for block in self.blocks:
-                h = block(h, p, v)
-            new_raw = {"items": torch.cat([raw["items"], items], 1),
-                       "labels": torch.cat([raw["labels"], labels], 1),
-                       "lengths": raw["lengths"] + k}
-            return UserMemory([], memory.next_pos + 2 * k, new_raw), self.head(h[:, -2 * k::2])
-        layers = []
-        for block, layer_memory in zip(self.blocks, memory.layers):
-            x, layer_memory = block.step(x, pos, layer_memory, append=True)
-            layers.append(layer_memory)
-        return UserMemory(layers, memory.next_pos + 2 * k), self.head(x[:, 0::2])
+        return self.serving.append(self, memory, items, labels)
