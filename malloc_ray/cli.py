@@ -6,6 +6,7 @@ Bad input (InputError) prints one line naming the file/row/key and exits with st
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -25,29 +26,41 @@ def _parse_hparam(text: str) -> tuple[str, object]:
                          key="--hparam") from None
 
 
+# Flags of `train` named differently from their trial field (kept for existing scripts).
+FLAG_ALIASES = {"num_heads": ["--heads"]}
+# Trial fields without a flag: a mapping (`--hparam` sets it) and the testing aid.
+NO_FLAG = ("hparams", "fault")
+
+
+def trial_flags(p: argparse.ArgumentParser, cls=None) -> list[str]:
+    """One flag per scalar field of the trial config (`--max-len` for max_len), typed from
+    the field, choices and help from config.py: a new trial field gets its flag here without
+    an edit. Returns the field names, in order."""
+    from malloc_ray.config import (CHOICES, FIELD_HELP, OPTIONAL_TYPES, TrialConfig)
+
+    cls = cls or TrialConfig
+    names = []
+    for f in dataclasses.fields(cls):
+        if f.name in NO_FLAG:
+            continue
+        kind = (OPTIONAL_TYPES.get(f.name, str) if f.default is None
+                else type(f.default) if f.default is not dataclasses.MISSING else str)
+        flags = [f"--{f.name.replace('_', '-')}", *FLAG_ALIASES.get(f.name, [])]
+        extra = ({"action": argparse.BooleanOptionalAction} if kind is bool
+                 else {"type": kind, "choices": CHOICES.get(f.name)})
+        p.add_argument(*flags, dest=f.name, default=None, help=FIELD_HELP.get(f.name), **extra)
+        names.append(f.name)
+    return names
+
+
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train and evaluate one trial, print its metrics as JSON")
     p.add_argument("--config", help="trial config YAML; flags given explicitly override it")
-    p.add_argument("--dataset", help="prepared dataset directory (malloc-ray data prepare)")
-    p.add_argument("--method")
-    p.add_argument("--depth", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", choices=["cpu", "cuda"])
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--max-len", type=int, dest="max_len",
-                   help="interactions per window, target included")
-    p.add_argument("--d-model", type=int, dest="d_model")
-    p.add_argument("--heads", type=int, dest="num_heads")
-    p.add_argument("--batch-size", type=int, dest="batch_size")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--dropout", type=float)
-    p.add_argument("--loss-positions", choices=["all", "last"], dest="loss_positions")
-    p.add_argument("--loader", choices=["local", "ray"])
+    p.set_defaults(trial_fields=trial_flags(p), func=_cmd_train)
     p.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
                    help="method hyperparameter (repeatable)")
-    p.add_argument("--smoke-test", action="store_true", help="one short epoch")
-    p.add_argument("--history", action="store_true", help="include per-epoch history")
-    p.set_defaults(func=_cmd_train)
+    p.add_argument("--smoke-test", action="store_true", help="one short epoch of a narrow model")
+    p.add_argument("--history", action="store_true", help="include per-evaluation history")
 
 
 def _cmd_train(args) -> int:
@@ -60,9 +73,7 @@ def _cmd_train(args) -> int:
         raw = load_yaml(args.config, "trial config") or {}
         if not isinstance(raw, dict):
             raise InputError("expected a mapping of trial config keys", file=args.config)
-    flags = ("dataset", "method", "depth", "seed", "device", "epochs", "max_len", "d_model",
-             "num_heads", "batch_size", "lr", "dropout", "loss_positions", "loader")
-    given = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
+    given = {k: getattr(args, k) for k in args.trial_fields if getattr(args, k) is not None}
     from_file = set(raw) - set(given)  # a bad value of these is the config file's
     raw.update(given)
     if args.hparam:
@@ -71,7 +82,9 @@ def _cmd_train(args) -> int:
                              key="hparams")
         raw["hparams"] = {**raw.get("hparams", {}), **dict(map(_parse_hparam, args.hparam))}
     if args.smoke_test:
-        raw.update(epochs=1, max_steps_per_epoch=5)
+        from malloc_ray import smoke
+
+        raw.update(smoke.trial_overrides(raw))
     if "dataset" not in raw:
         raise InputError("a dataset directory is required (--dataset DIR)", key="dataset")
     try:
@@ -93,18 +106,48 @@ def _cmd_train(args) -> int:
 
 
 def _baseline_parser(sub) -> None:
-    p = sub.add_parser("baseline", help="non-neural reference scores on a dataset's split")
-    p.add_argument("kind", choices=["popularity"])
+    p = sub.add_parser("baseline", help="reference scores on a dataset's split, as JSON: "
+                       "popularity, cooc, torch-rechub DIN/BST (docs/baselines.md)")
+    # = malloc_ray.train.baselines.BASELINES (not imported here: it loads torch)
+    p.add_argument("kind", choices=["popularity", "cooc", "din", "bst"])
     p.add_argument("--dataset", required=True)
     p.add_argument("--split", choices=["valid", "test"], default="test")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="history window incl. the target (cooc, din, bst); default: the trial's")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="din/bst epochs (default: the library trainer's, 10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="din/bst batch size (default: the trial's)")
+    p.add_argument("--embed-dim", type=int, default=None,
+                   help="din/bst item embedding width (default: the trial's d_model)")
+    p.add_argument("--patience", type=int, default=None,
+                   help="din/bst early-stopping patience on valid AUC (default: the trainer's, 10)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="din/bst device (default: cuda when available)")
+    p.add_argument("--smoke-test", action="store_true",
+                   help="din/bst: one epoch of a few steps (checks the pipeline, not the model)")
     p.set_defaults(func=_cmd_baseline)
 
 
 def _cmd_baseline(args) -> int:
     from malloc_ray.data.loader import load_dataset
-    from malloc_ray.train.baselines import popularity_baseline
+    from malloc_ray.train.baselines import PEERS, run_baseline
 
-    print(json.dumps(popularity_baseline(load_dataset(args.dataset), args.split), indent=2))
+    for key in ("max_len", "epochs", "batch_size", "embed_dim", "patience"):
+        value = getattr(args, key)
+        if value is not None and value < (2 if key == "max_len" else 1):
+            raise InputError(f"must be >= {2 if key == 'max_len' else 1}, got {value}",
+                             key="--" + key.replace("_", "-"))
+    if args.kind in PEERS:  # before reading the dataset: a missing extra is the first thing said
+        from malloc_ray.train.peers import import_rechub
+
+        import_rechub(args.kind)
+    peer = {k: getattr(args, k) for k in ("batch_size", "embed_dim", "patience", "device")
+            if getattr(args, k) is not None}
+    result = run_baseline(args.kind, load_dataset(args.dataset), args.split, max_len=args.max_len,
+                          epochs=args.epochs, seed=args.seed, smoke_test=args.smoke_test, **peer)
+    print(json.dumps(result, indent=2, default=float))
     return 0
 
 
@@ -160,7 +203,9 @@ def _cmd_study(args) -> int:
     if args.mlflow_tracking_uri:
         spec.mlflow_tracking_uri = args.mlflow_tracking_uri
     if args.smoke_test:
-        spec.name = f"{spec.name}-smoke"
+        from malloc_ray import smoke
+
+        spec.name = smoke.study_name(spec.name)
     table = run_study(spec, smoke_test=args.smoke_test, retry_failed=args.retry_failed)
     cols = ["dataset", "method", "depth", "seed", "status", "auc", "gauc", "logloss",
             "kv_bytes_per_user", "kv_payload_bytes_per_user", "macs_per_request"]

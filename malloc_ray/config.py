@@ -17,6 +17,7 @@ from malloc_ray.errors import InputError
 
 DEVICES = ("cpu", "cuda")
 LOADERS = ("local", "ray")
+LOSS_POSITIONS = ("all", "last")  # train on every item of a window, or on its target only
 
 
 # On CPU an evaluation batch is sized by its (B, heads, 2L, 2L) attention score buffer: past
@@ -29,6 +30,33 @@ CPU_EVAL_BATCH_RANGE = (4, 64)
 CUDA_EVAL_BATCH = 256
 
 
+# Fields with a fixed set of values (the CLI offers them as choices).
+CHOICES = {"device": DEVICES, "loader": LOADERS, "loss_positions": LOSS_POSITIONS}
+# One line of help per field, where the name alone does not say it (the CLI shows them).
+FIELD_HELP = {
+    "dataset": "prepared dataset directory (malloc-ray data prepare)",
+    "method": "memory method (malloc-ray methods lists them)",
+    "depth": "HSTU layers",
+    "max_len": "interactions per window, target included",
+    "silu_qkv": "SiLU on u, q, k, v (ArkHSTU) or on u only",
+    "label_carries_item": "label token = label + item embedding (docs/model.md)",
+    "loss_positions": "train on every item of a window or on its target only",
+    "eval_batch_size": "evaluation batch (default: sized for the device)",
+    "weight_decay": "AdamW decay of weight matrices (not embeddings, biases, norms)",
+    "embedding_l2": "L2 on the embedding rows a batch touches, per sample",
+    "warmup_steps": "linear learning-rate warm-up over this many steps",
+    "lr_plateau_factor": "multiply the learning rate by this after an evaluation without "
+                         "improvement (1: never)",
+    "eval_every_steps": "also validate every N training steps (default: after each pass)",
+    "epochs": "passes over the training split",
+    "patience": "evaluations without a better validation AUC before stopping",
+    "no_learning_epochs": "stop as no_learning after this many evaluations without learning",
+    "no_learning_margin": "best validation AUC below 0.5 + this: status no_learning",
+    "max_steps_per_epoch": "cap on training steps per pass",
+    "loader": "batches from in-process numpy (local) or Ray Data (ray)",
+}
+
+
 def default_eval_batch_size(device: str, num_heads: int, max_len: int) -> int:
     """Evaluation batch size when the config leaves it unset (results do not depend on it)."""
     if device == "cuda":
@@ -36,6 +64,33 @@ def default_eval_batch_size(device: str, num_heads: int, max_len: int) -> int:
     score_bytes = 4 * num_heads * (2 * max_len) ** 2  # one sample's fp32 scores, one layer
     low, high = CPU_EVAL_BATCH_RANGE
     return max(low, min(high, CPU_EVAL_SCORE_BYTES // score_bytes))
+
+
+@dataclass
+class TrainConfig:
+    """What the training loop (train/loop.py `fit`) needs; built by `TrialConfig.train_config`.
+    Users set these through the trial config, which validates them."""
+
+    lr: float = 5e-4
+    epochs: int = 20                 # passes over the training split
+    patience: int = 3                # evaluations without a better valid AUC before stopping
+    grad_clip: float = 1.0           # max total grad norm; 0 disables clipping (the norm is still checked)
+    explode_grad_norm: float = 1e4   # pre-clip total grad norm above this (or non-finite) -> diverged
+    no_learning_epochs: int = 0      # >0: stop as no_learning after this many evaluations without learning
+    no_learning_margin: float | None = NO_LEARNING_MARGIN  # valid AUC < 0.5 + this: no_learning
+    max_steps_per_epoch: int | None = None
+    weight_decay: float = 0.0        # AdamW decay of weight matrices (not embeddings, biases, norms)
+    embedding_l2: float = 0.0        # L2 on the embedding rows a batch touches, per sample
+    warmup_steps: int = 0            # linear learning-rate warm-up over this many steps
+    lr_plateau_factor: float = 1.0   # lr *= this after an evaluation without improvement
+    eval_every_steps: int | None = None  # also evaluate every N steps within a pass
+    seed: int = 0
+
+    def __post_init__(self):
+        # The loop's own invariant (TrialConfig checks every user-facing value with its key):
+        # patience 0 would stop after the first evaluation whatever happens.
+        if self.epochs < 1 or self.patience < 1:
+            raise ValueError(f"epochs and patience must be >= 1, got {self.epochs} and {self.patience}")
 
 
 @dataclass
@@ -56,6 +111,10 @@ class TrialConfig:
     eval_batch_size: int | None = None  # None: sized for the device (default_eval_batch_size)
     lr: float = 5e-4
     weight_decay: float = 0.0
+    embedding_l2: float = 0.0
+    warmup_steps: int = 0
+    lr_plateau_factor: float = 1.0
+    eval_every_steps: int | None = None
     epochs: int = 20
     patience: int = 3
     grad_clip: float = 1.0
@@ -73,43 +132,28 @@ class TrialConfig:
         if isinstance(self.dataset, os.PathLike):  # a Path from Python callers: stored as text
             self.dataset = os.fspath(self.dataset)
         _check_types(self)
-        if self.device not in DEVICES:
-            raise InputError(f"must be one of {DEVICES}, got {self.device!r}", key="device")
-        if self.loader not in LOADERS:
-            raise InputError(f"must be one of {LOADERS}, got {self.loader!r}", key="loader")
-        # patience 0 would end every trial after its first epoch (the loop refuses it)
-        for key in ("depth", "d_model", "num_heads", "batch_size", "epochs", "max_len",
-                    "patience"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise InputError(f"must be a positive integer, got {getattr(self, key)!r}", key=key)
-        for key in ("seed", "no_learning_epochs"):  # numpy refuses negative seeds
-            if getattr(self, key) < 0:
-                raise InputError(f"must be >= 0, got {getattr(self, key)!r}", key=key)
-        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
-            raise InputError(f"must be a positive integer or null, got "
-                             f"{self.max_steps_per_epoch!r}", key="max_steps_per_epoch")
-        if self.max_len < 2:
-            raise InputError("must be >= 2 (one history interaction plus the target)", key="max_len")
+        for key, (test, what) in RULES.items():
+            value = getattr(self, key)
+            if not test(value):
+                raise InputError(f"must be {what}, got {value!r}", key=key)
         if self.eval_batch_size is None:
             self.eval_batch_size = default_eval_batch_size(self.device, self.num_heads, self.max_len)
-        if not isinstance(self.eval_batch_size, int) or self.eval_batch_size < 1:
-            raise InputError(f"must be a positive integer or null, got {self.eval_batch_size!r}",
-                             key="eval_batch_size")
         from malloc_ray.methods import get_method  # the registry; imported late, it is heavy
 
         get_method(self.method).parse_hparams(self.hparams)  # unknown method or key: an error
-        if self.fault is not None:
-            kind, _, epoch = str(self.fault).partition(":")
-            if kind not in ("nan", "raise") or not epoch.isdigit():
-                raise InputError(f"expected 'nan:EPOCH' or 'raise:EPOCH', got {self.fault!r}",
-                                 key="fault")
-        if not self.lr > 0:
-            raise InputError(f"must be > 0, got {self.lr!r}", key="lr")
-        margin = self.no_learning_margin  # None: the check is off
-        if margin is not None and (isinstance(margin, bool) or not isinstance(
-                margin, (int, float)) or not 0 <= margin < 0.5):
-            raise InputError(f"must be a number in [0, 0.5) or null (off), got {margin!r}",
-                             key="no_learning_margin")
+
+    def model_config(self):
+        """The HSTU stack this trial trains (model/hstu.py)."""
+        from malloc_ray.model.hstu import HSTUConfig
+
+        return HSTUConfig(d_model=self.d_model, num_heads=self.num_heads, num_layers=self.depth,
+                          max_len=self.max_len, dropout=self.dropout, silu_qkv=self.silu_qkv,
+                          label_carries_item=self.label_carries_item)
+
+    def train_config(self) -> TrainConfig:
+        """What the training loop needs: every TrainConfig field is a trial field."""
+        return TrainConfig(**{f.name: getattr(self, f.name)
+                              for f in dataclasses.fields(TrainConfig)})
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "TrialConfig":
@@ -128,11 +172,46 @@ class TrialConfig:
 
 # Fields whose default is None take None or this type; every other field takes its default's.
 OPTIONAL_TYPES = {"eval_batch_size": int, "max_steps_per_epoch": int, "fault": str,
+                  "eval_every_steps": int,
                   "no_learning_margin": float}
 # Fields with a default that also take None (meaning: off).
 NULLABLE = ("no_learning_margin",)
 TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
               dict: "a mapping"}
+
+
+def _positive(v) -> bool:
+    return v >= 1
+
+
+def _fault(v) -> bool:
+    kind, _, epoch = str(v).partition(":")
+    return kind in ("nan", "raise") and epoch.isdigit()
+
+
+# The one check of every trial value beyond its type (_check_types), with the words an error
+# uses. Optional fields (default None) are checked only when set.
+RULES: dict[str, tuple[Any, str]] = {
+    "device": (lambda v: v in DEVICES, f"one of {DEVICES}"),
+    "loader": (lambda v: v in LOADERS, f"one of {LOADERS}"),
+    "loss_positions": (lambda v: v in LOSS_POSITIONS, f"one of {LOSS_POSITIONS}"),
+    # patience 0 would end every trial after its first evaluation
+    **{k: (_positive, "a positive integer") for k in
+       ("depth", "d_model", "num_heads", "batch_size", "epochs", "patience")},
+    "max_len": (lambda v: v >= 2, ">= 2 (one history interaction plus the target)"),
+    **{k: (lambda v: v >= 0, ">= 0") for k in  # numpy refuses negative seeds
+       ("seed", "no_learning_epochs", "warmup_steps", "weight_decay", "embedding_l2",
+        "grad_clip")},
+    **{k: (lambda v: v is None or v >= 1, "a positive integer or null") for k in
+       ("max_steps_per_epoch", "eval_batch_size", "eval_every_steps")},
+    "dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "lr": (lambda v: v > 0, "> 0"),
+    "lr_plateau_factor": (lambda v: 0 < v <= 1, "a number in (0, 1] (1: no decay)"),
+    "explode_grad_norm": (lambda v: v > 0, "> 0"),
+    "fault": (lambda v: v is None or _fault(v), "'nan:EPOCH' or 'raise:EPOCH'"),
+    "no_learning_margin": (lambda v: v is None or 0 <= v < 0.5,
+                           "a number in [0, 0.5) or null (off)"),
+}
 
 
 def has_type(value: Any, kind: type) -> bool:

@@ -20,11 +20,10 @@ import pandas as pd
 import pyarrow.compute as pc
 import torch
 
+from malloc_ray.config import LOSS_POSITIONS
 from malloc_ray.data.prepare import SPLITS, last_train_prefix, read_meta
 from malloc_ray.errors import InputError
 from malloc_ray.files import read_parquet
-
-LOSS_POSITIONS = ("last", "all")
 
 
 @dataclass

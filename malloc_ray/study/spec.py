@@ -24,6 +24,7 @@ from typing import Any
 
 from malloc_ray.config import TrialConfig, has_type
 from malloc_ray.errors import InputError
+from malloc_ray import smoke
 from malloc_ray.files import check_name, check_writable_dir, load_yaml
 
 CELL_KEYS = ("dataset", "method", "depth", "seed", "hparams")  # set by the grid, not `trial`
@@ -147,20 +148,20 @@ def _parse_datasets(raw: Any, where: str, file: str | None) -> list[DatasetSpec]
 
 def _parse_smoke(raw: Any, dataset_names: set[str], file: str | None) -> dict:
     """The spec's `smoke:` section: what --smoke-test runs instead (see smoke_spec)."""
-    smoke = dict(_check_keys(raw, {"datasets", "methods", "depths", "seeds", "trial"}, "smoke",
-                             file))
-    if "datasets" in smoke:
-        smoke["datasets"] = _parse_datasets(smoke["datasets"], "smoke.datasets", file)
-        for ds in smoke["datasets"]:
+    section = dict(_check_keys(raw, {"datasets", "methods", "depths", "seeds", "trial"}, "smoke",
+                                 file))
+    if "datasets" in section:
+        section["datasets"] = _parse_datasets(section["datasets"], "smoke.datasets", file)
+        for ds in section["datasets"]:
             if ds.name not in dataset_names:
                 raise InputError("a smoke dataset replaces a dataset of the same key; there is "
                                  "none", file=file, key=f"smoke.datasets.{ds.name}")
-    if not isinstance(smoke.get("trial", {}), dict):
+    if not isinstance(section.get("trial", {}), dict):
         raise InputError("expected a mapping of trial keys", file=file, key="smoke.trial")
     for key in ("methods", "depths", "seeds"):
-        if key in smoke and (not isinstance(smoke[key], list) or not smoke[key]):
+        if key in section and (not isinstance(section[key], list) or not section[key]):
             raise InputError("must be a non-empty list", file=file, key=f"smoke.{key}")
-    return smoke
+    return section
 
 
 def smoke_spec(spec: StudySpec) -> StudySpec:
@@ -168,16 +169,16 @@ def smoke_spec(spec: StudySpec) -> StudySpec:
     key (e.g. small synthetic stand-ins for data CI does not have), its methods, depths and
     seeds replace the grid's, and its `trial` keys update the spec's (e.g. device: cpu).
     Without a section, the spec itself."""
-    smoke = spec.smoke
-    if not smoke:
+    section = spec.smoke
+    if not section:
         return spec
-    swap = {d.name: d for d in smoke.get("datasets", [])}
-    methods = smoke.get("methods", spec.methods)
+    swap = {d.name: d for d in section.get("datasets", [])}
+    methods = section.get("methods", spec.methods)
     out = dataclasses.replace(
         spec, datasets=[swap.get(d.name, d) for d in spec.datasets], methods=methods,
         hparams={m: hp for m, hp in spec.hparams.items() if m in methods},
-        depths=smoke.get("depths", spec.depths),
-        seeds=smoke.get("seeds", spec.seeds), trial={**spec.trial, **smoke.get("trial", {})},
+        depths=section.get("depths", spec.depths),
+        seeds=section.get("seeds", spec.seeds), trial={**spec.trial, **section.get("trial", {})},
         smoke={})
     _validate(out, spec.source_file)
     return out
@@ -350,8 +351,8 @@ def expand_cells(spec: StudySpec, dataset_dirs: dict[str, str],
     """The grid, with trial defaults, per-method hparams and overrides applied."""
     cells = []
     depths, seeds = spec.depths, spec.seeds
-    if smoke_test:  # every method and dataset, but the two shallowest depths and one seed
-        depths, seeds = sorted(depths)[:2], seeds[:1]
+    if smoke_test:
+        depths, seeds = smoke.grid(depths, seeds)
     for ds, method, depth, seed in itertools.product(spec.datasets, spec.methods, depths, seeds):
         raw = {**spec.trial, "dataset": dataset_dirs[ds.name], "method": method, "depth": depth,
                "seed": seed, "hparams": dict(spec.hparams.get(method, {}))}
@@ -360,12 +361,7 @@ def expand_cells(spec: StudySpec, dataset_dirs: dict[str, str],
             if all(where.get(k) == v for k, v in (rule.get("match") or {}).items()):
                 raw.update(rule.get("set") or {})
         if smoke_test:
-            raw.update(smoke_overrides(raw))
+            raw.update(smoke.trial_overrides(raw))
         cells.append(Cell(ds.name, TrialConfig.from_dict(raw)))
     return cells
 
-
-def smoke_overrides(raw: dict) -> dict:
-    """Shrink any trial to seconds: one short epoch of a narrow model."""
-    return {"epochs": 1, "max_steps_per_epoch": 3, "d_model": min(raw.get("d_model", 64), 32),
-            "num_heads": min(raw.get("num_heads", 4), 4), "max_len": min(raw.get("max_len", 128), 32)}
