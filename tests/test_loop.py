@@ -115,7 +115,8 @@ def test_learns_and_reports_everything():
     assert result["auc"] > 0.8 and result["gauc"] > 0.75 and result["logloss"] < 0.6
     assert result["epochs_run"] == 8 == len(seen) == len(result["history"])
     assert seen == result["history"]
-    assert set(seen[0]) == {"epoch", "train_loss", "valid_auc", "valid_gauc", "valid_logloss", "seconds"}
+    assert set(seen[0]) == {"epoch", "pass", "step", "lr", "train_loss", "valid_auc", "valid_gauc",
+                           "valid_logloss", "seconds"}
     assert result["valid_auc"] == max(r["valid_auc"] for r in result["history"])
     assert result["samples_per_second"] == pytest.approx(8 * 20 * 64 / result["train_seconds"])
 
@@ -188,3 +189,64 @@ def test_no_learning_is_on_by_default_and_its_margin_configurable():
                                            no_learning_margin=0.0))  # AUC 0.5 >= 0.5 + 0
     assert accepted["status"] == "ok"
     assert run(TargetLogReg(), TrainConfig(lr=0.05, epochs=2))["status"] == "ok"
+
+
+# -- the recipe ----------------------------------------------------------------------------------
+def test_eval_every_steps_evaluates_within_a_pass_and_patience_counts_evaluations():
+    """20 batches per pass, evaluation every 8 steps: evaluations after steps 8, 16 and the
+    pass's end (20), per pass; early stopping counts those evaluations."""
+    seen = []
+    result = run(TargetLogReg(), TrainConfig(lr=0.05, epochs=2, patience=10, eval_every_steps=8),
+                 on_epoch=seen.append)
+    assert [(r["pass"], r["step"]) for r in seen] == [(0, 8), (0, 16), (0, 20), (1, 28),
+                                                       (1, 36), (1, 40)]
+    assert [r["epoch"] for r in seen] == list(range(6)) and result["epochs_run"] == 6
+    # BiasOnly never improves on its first evaluation: patience 1 ends it at the second,
+    # within the first pass
+    stopped = run(BiasOnly(), TrainConfig(lr=0.05, epochs=5, patience=1, eval_every_steps=5,
+                                          no_learning_margin=None))
+    assert [(r["pass"], r["step"]) for r in stopped["history"]] == [(0, 5), (0, 10)]
+
+
+def test_embedding_l2_shrinks_only_the_rows_a_batch_touches():
+    """Only never-seen items keep their initial embedding; with the penalty the others end up
+    smaller than without it (the task's loss alone pushes them outwards)."""
+    unseen = 7  # an item no batch contains
+    train = [{**b, "items": torch.where(b["items"] == unseen, 1, b["items"])} for b in TRAIN]
+    plain, shrunk = TargetLogReg(), TargetLogReg()
+    before = plain.emb.weight.detach().clone()
+    run(plain, TrainConfig(lr=0.05, epochs=3, patience=3), train=shuffled(train))
+    run(shrunk, TrainConfig(lr=0.05, epochs=3, patience=3, embedding_l2=0.5),
+        train=shuffled(train))
+    assert torch.equal(shrunk.emb.weight[unseen], before[unseen])
+    seen = torch.ones(N_ITEMS + 1, dtype=torch.bool)
+    seen[[0, unseen]] = False
+    assert shrunk.emb.weight[seen].norm() < 0.8 * plain.emb.weight[seen].norm()
+
+
+def test_weight_decay_spares_embeddings_and_warmup_ramps_the_rate():
+    from malloc_ray.train.loop import optimizer_for
+
+    class Two(TargetLogReg):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.norm = nn.Linear(3, 3), nn.LayerNorm(3)
+
+    opt = optimizer_for(Two(), TrainConfig(weight_decay=0.1))
+    decayed = [p for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]]
+    assert [tuple(p.shape) for p in decayed] == [(3, 3)]  # not the embedding, bias or norm
+    seen = []
+    run(TargetLogReg(), TrainConfig(lr=0.04, epochs=1, warmup_steps=40, eval_every_steps=5),
+        on_epoch=seen.append)
+    assert [r["lr"] for r in seen] == pytest.approx([0.04 * (s + 1) / 40 for s in
+                                                     (5, 10, 15, 20)])
+
+
+def test_plateau_factor_cuts_the_rate_after_an_evaluation_without_improvement():
+    seen = []
+    result = run(BiasOnly(), TrainConfig(lr=0.05, epochs=4, patience=4, lr_plateau_factor=0.5,
+                                         no_learning_margin=None), on_epoch=seen.append)
+    assert result["epochs_run"] == 4
+    # BiasOnly's valid AUC never improves on its first evaluation: the rate is halved after
+    # each later one (a record holds the rate its steps trained with)
+    assert [r["lr"] for r in seen] == pytest.approx([0.05, 0.05, 0.025, 0.0125])

@@ -1,4 +1,4 @@
-"""Ranking metrics against an independent per-user scikit-learn computation."""
+"""Ranking metrics (torchmetrics) against per-user scikit-learn and the numpy rank oracle."""
 
 import math
 
@@ -77,3 +77,39 @@ def test_logloss_clips_confident_misses():
 def test_rejects_bad_labels():
     with pytest.raises(ValueError):
         auc(np.array([0, 2]), np.array([0.1, 0.2]))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_matches_the_numpy_rank_oracle(seed):
+    import ranking_oracle
+
+    labels, probs, groups = random_case(seed + 10, n=2000, n_users=150)
+    got, want = ranking_metrics(labels, probs, groups), ranking_oracle.ranking_metrics(
+        labels, probs, groups)
+    assert got.keys() == want.keys()
+    for key in got:
+        assert got[key] == pytest.approx(want[key], abs=1e-9), key
+
+
+def test_empty_input_is_nan_not_a_crash():
+    empty = np.array([], dtype=np.int64)
+    got = ranking_metrics(empty, empty.astype(float), empty)
+    assert all(math.isnan(v) for v in got.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_runs_on_the_trial_device():
+    labels, probs, groups = random_case(3)
+    on_gpu = ranking_metrics(*(torch.from_numpy(x).cuda() for x in (labels, probs, groups)))
+    assert on_gpu == pytest.approx(ranking_metrics(labels, probs, groups), abs=1e-9)
+
+
+def test_scores_outside_zero_one_and_close_scores_keep_their_order():
+    """Counts (popularity) and logits are scores too; so are probabilities a float32 would tie."""
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 2, 500)
+    counts = rng.integers(0, 10_000, 500) * 1000.0 + labels * 500.0
+    assert auc(labels, counts) == pytest.approx(roc_auc_score(labels, counts), abs=1e-12)
+    close = 0.5 + rng.random(500) * 1e-9
+    assert auc(labels, close) == pytest.approx(roc_auc_score(labels, close), abs=1e-12)

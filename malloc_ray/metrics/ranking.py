@@ -1,100 +1,108 @@
-"""Ranking metrics for CTR evaluation: AUC, GAUC and Logloss on target positions.
+"""Ranking metrics for CTR evaluation: AUC, GAUC and Logloss on target positions, in torchmetrics.
 
-GAUC follows FuxiCTR (`fuxictr/metrics.py`) and DIN: the AUC of each group (user), weighted by the
-group's number of samples; groups whose labels are all 0 or all 1 are skipped. Everything is computed
-from ranks in one pass (no loop over groups or samples), with tied scores given their average rank,
-which is what sklearn's `roc_auc_score` does.
+AUC is the area under torchmetrics' exact binary ROC curve (no thresholds; tied scores count
+half, as in sklearn's `roc_auc_score`). GAUC follows FuxiCTR (`fuxictr/metrics.py`) and DIN: the AUROC of each group
+(user), weighted by the group's number of samples; groups whose labels are all 0 or all 1 are
+skipped. Logloss is binary cross-entropy on probabilities clipped to [eps, 1 - eps]. Everything
+runs in float64 on the device the tensors are on (a trial's evaluation stays on its GPU).
 
-Where sklearn raises (single-class labels, NaN scores) these return nan: a model that outputs NaN or a
-tiny split should be recorded as such by the training loop, not crash a trial.
+Where sklearn raises (single-class labels, NaN scores, no samples) these return nan: a model
+that outputs NaN or a tiny split should be recorded as such by the training loop, not crash a
+trial. tests/ranking_oracle.py (numpy ranks) and sklearn check these to 1e-9.
 """
 
 from __future__ import annotations
 
+
 import numpy as np
 import torch
+from torchmetrics.functional.classification import binary_roc
+
+NAN = float("nan")
 
 
-def _as_numpy(x, dtype) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x, dtype=dtype).reshape(-1)
+def _as_tensor(x, dtype=torch.float64) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        x = torch.as_tensor(np.asarray(x))
+    return x.detach().reshape(-1).to(dtype)
 
 
-def _group_auc(labels: np.ndarray, scores: np.ndarray, codes: np.ndarray, n_groups: int):
-    """Per-group AUC (nan where a group has one class) and per-group sample counts.
-
-    Mann-Whitney form: AUC_g = (sum of positive ranks - P(P+1)/2) / (P·N), ranks taken within the group.
-    """
-    order = np.lexsort((scores, codes))
-    s, g, y = scores[order], codes[order], labels[order]
-    n = s.size
-    counts = np.bincount(g, minlength=n_groups)
-    group_start = np.concatenate(([0], np.cumsum(counts)[:-1]))
-    # A tie run is a maximal stretch of equal (group, score); every member gets the run's mean position.
-    new_run = np.empty(n, dtype=bool)
-    new_run[:1] = True
-    new_run[1:] = (g[1:] != g[:-1]) | (s[1:] != s[:-1])
-    run_id = np.cumsum(new_run) - 1
-    run_first = np.flatnonzero(new_run)
-    run_last = np.append(run_first[1:], n) - 1
-    position = (run_first + run_last)[run_id] / 2.0
-    rank = position - group_start[g] + 1.0
-    n_pos = np.bincount(g, weights=y, minlength=n_groups)
-    rank_pos = np.bincount(g, weights=rank * y, minlength=n_groups)
-    n_neg = counts - n_pos
-    with np.errstate(divide="ignore", invalid="ignore"):
-        aucs = (rank_pos - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
-    aucs[(n_pos == 0) | (n_neg == 0)] = np.nan
-    return aucs, counts
-
-
-def _labels_and_scores(labels, scores) -> tuple[np.ndarray, np.ndarray]:
-    y = _as_numpy(labels, np.float64)
-    s = _as_numpy(scores, np.float64)
+def _labels_and_scores(labels, scores) -> tuple[torch.Tensor, torch.Tensor]:
+    y, s = _as_tensor(labels), _as_tensor(scores)
     if y.shape != s.shape:
-        raise ValueError(f"labels and scores differ in size: {y.size} vs {s.size}")
-    if not np.isin(y, (0.0, 1.0)).all():
+        raise ValueError(f"labels and scores differ in size: {y.numel()} vs {s.numel()}")
+    s = s.to(y.device)
+    if not ((y == 0) | (y == 1)).all():
         raise ValueError("labels must be 0 or 1")
     return y, s
 
 
+def _exact_auroc(y: torch.Tensor, s: torch.Tensor, positives: int) -> float:
+    """Area under torchmetrics' exact ROC curve (one point per distinct score, so ties count
+    half). The curve comes in float32; its points are exact counts over the class sizes, so
+    they are turned back into counts and integrated in float64 (1e-9 against sklearn, where
+    torchmetrics' own float32 trapezoid drifts by 1e-7)."""
+    # torchmetrics reads scores outside [0, 1] as logits and squashes them (large counts would
+    # then tie in float32): hand it dense ranks in (0, 1], same order, same ties.
+    _, rank = torch.unique(s, return_inverse=True)
+    s = (rank.double() + 1) / (int(rank.max()) + 1)
+    fpr, tpr, _ = binary_roc(s, y.long(), thresholds=None, validate_args=False)
+    negatives = y.numel() - positives
+    fps = torch.round(fpr.double() * negatives)
+    tps = torch.round(tpr.double() * positives)
+    area = ((fps[1:] - fps[:-1]) * (tps[1:] + tps[:-1])).sum() / 2
+    return float(area / (positives * negatives))
+
+
+def _auroc(y: torch.Tensor, s: torch.Tensor) -> float:
+    """Exact AUROC; nan where it is undefined (torchmetrics would warn and return 0)."""
+    positives = int(y.sum())
+    if positives in (0, y.numel()) or torch.isnan(s).any():
+        return NAN
+    return _exact_auroc(y, s, positives)
+
+
 def auc(labels, scores) -> float:
-    """ROC AUC; nan if all labels are equal."""
-    y, s = _labels_and_scores(labels, scores)
-    if y.size == 0 or np.isnan(s).any():
-        return float("nan")
-    aucs, _ = _group_auc(y, s, np.zeros(y.size, dtype=np.int64), 1)
-    return float(aucs[0])
+    """ROC AUC; nan if all labels are equal or a score is NaN."""
+    return _auroc(*_labels_and_scores(labels, scores))
 
 
 def gauc(labels, scores, groups) -> float:
     """Sample-count-weighted mean of per-group AUC over groups with both classes; nan if none has."""
     y, s = _labels_and_scores(labels, scores)
-    g = _as_numpy(groups, None)
-    if g.size != y.size:
-        raise ValueError(f"groups and labels differ in size: {g.size} vs {y.size}")
-    if y.size == 0 or np.isnan(s).any():
-        return float("nan")
-    _, codes = np.unique(g, return_inverse=True)
-    codes = codes.reshape(-1)
-    aucs, counts = _group_auc(y, s, codes, int(codes.max()) + 1)
-    valid = ~np.isnan(aucs)
-    if not valid.any():
-        return float("nan")
-    return float(np.sum(aucs[valid] * counts[valid]) / np.sum(counts[valid]))
+    g = _as_tensor(groups, torch.int64).to(y.device)
+    if g.numel() != y.numel():
+        raise ValueError(f"groups and labels differ in size: {g.numel()} vs {y.numel()}")
+    if y.numel() == 0 or torch.isnan(s).any():
+        return NAN
+    _, codes = torch.unique(g, return_inverse=True)
+    counts = torch.bincount(codes)
+    positives = torch.bincount(codes, weights=y)
+    mixed = ((positives > 0) & (positives < counts)).tolist()
+    positives = positives.long().tolist()
+    order = torch.argsort(codes, stable=True)
+    total, weight = 0.0, 0
+    # One AUROC per group with both classes: users are few hundred to some ten thousand per
+    # evaluation, and single-class groups (most users of a sparse split) are skipped unscored.
+    for group, (ys, ss) in enumerate(zip(y[order].split(counts.tolist()),
+                                         s[order].split(counts.tolist()))):
+        if mixed[group]:
+            total += _exact_auroc(ys, ss, positives[group]) * ys.numel()
+            weight += ys.numel()
+    return total / weight if weight else NAN
 
 
 def logloss(labels, probs, eps: float = 1e-7) -> float:
     """Mean binary cross-entropy, probabilities clipped to [eps, 1-eps] so a confident miss stays finite."""
     y, p = _labels_and_scores(labels, probs)
-    if y.size == 0:
-        return float("nan")
-    p = np.clip(p, eps, 1.0 - eps)
-    return float(-np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p)))
+    if y.numel() == 0 or torch.isnan(p).any():  # torch refuses NaN probabilities
+        return NAN
+    return float(torch.nn.functional.binary_cross_entropy(p.clamp(eps, 1.0 - eps), y))
 
 
 def ranking_metrics(labels, probs, groups) -> dict[str, float]:
     """AUC, GAUC (grouped by `groups`, normally the user id) and Logloss of click probabilities."""
     return {"auc": auc(labels, probs), "gauc": gauc(labels, probs, groups),
             "logloss": logloss(labels, probs)}
+
+

@@ -1,20 +1,26 @@
-"""Plain-PyTorch training loop: Adam, gradient clipping, early stopping on validation AUC, failure guard.
+"""Plain-PyTorch training loop: the CTR recipe, early stopping on validation AUC, failure guard.
 
-No Ray here; `train.trainable` wraps `fit` for Tune and reports through `on_epoch`.
+The recipe (FuxiCTR-style CTR training, every knob a trial config field): AdamW with weight
+decay on weight matrices, L2 on the embedding rows a batch touches, gradient clipping, a linear
+learning-rate warm-up, the learning rate cut by `lr_plateau_factor` after every evaluation
+without improvement, and validation every `eval_every_steps` steps as well as after each pass,
+so a model that overfits within a pass is stopped at its best evaluation.
+
+No Ray here; `study/trainable.py` wraps it for Tune and reports through `on_epoch`.
 
 Model contract: `model.loss(batch)` returns a scalar training loss (train mode) and
 `model.predict(batch)` the click probability at the target, shape (B,) (eval mode, no grad). A batch is a
 dict of tensors: `items`, `labels` (B, S) left padded with the target in the last column, `lengths` (B,),
 `user` (B,).
 
-Epochs are numbered from 0, the same index `train_batches(epoch)` receives.
+Passes over the training data are numbered from 0, the index `train_batches(epoch)` receives.
 
 Failures are results, not exceptions: a non-finite loss, or a pre-clip gradient norm that is
 non-finite or above `explode_grad_norm`, or non-finite validation predictions end the run with
 `status="diverged"`. A model that did not learn is a status too, on by default: a best validation AUC
 below 0.5 + `no_learning_margin` (0.02) at the end makes the run `status="no_learning"` (its metrics are
 kept, but it is never ranked), and with `no_learning_epochs` > 0 the run already stops there after that
-many epochs. A diverged run reports sentinel metrics that are finite and rank below any
+many evaluations. A diverged run reports sentinel metrics that are finite and rank below any
 trained model: AUC = GAUC = 0.5 (chance) and Logloss = -log(1e-7) ≈ 16.1, the worst value the clipped
 Logloss can take. History keeps what was observed before the failure.
 """
@@ -23,13 +29,11 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import Callable, Iterable
 
-import numpy as np
 import torch
 
-from malloc_ray.config import NO_LEARNING_MARGIN
+from malloc_ray.config import NO_LEARNING_MARGIN, TrainConfig
 from malloc_ray.metrics.ranking import ranking_metrics
 
 LOGLOSS_EPS = 1e-7
@@ -42,25 +46,6 @@ def learned(best_valid_auc: float, margin: float | None = NO_LEARNING_MARGIN) ->
     if margin is None:
         return True
     return best_valid_auc == best_valid_auc and best_valid_auc >= 0.5 + margin
-
-
-@dataclass
-class TrainConfig:
-    lr: float = 5e-4
-    epochs: int = 20
-    patience: int = 3                # epochs without a better valid AUC before stopping
-    grad_clip: float = 1.0           # max total grad norm; 0 disables clipping (the norm is still checked)
-    explode_grad_norm: float = 1e4   # pre-clip total grad norm above this (or non-finite) -> diverged
-    no_learning_epochs: int = 0      # >0: stop as no_learning after this many epochs without learning
-    no_learning_margin: float | None = NO_LEARNING_MARGIN  # valid AUC < 0.5 + this: no_learning
-    max_steps_per_epoch: int | None = None
-    weight_decay: float = 0.0
-    seed: int = 0
-
-    def __post_init__(self):
-        # patience 0 would stop after the first epoch whatever happens.
-        if self.epochs < 1 or self.patience < 1:
-            raise ValueError(f"epochs and patience must be >= 1, got {self.epochs} and {self.patience}")
 
 
 class _Diverged(Exception):
@@ -87,34 +72,74 @@ def evaluate(model: torch.nn.Module, batches: Iterable[dict], device="cpu") -> d
     model.eval()
     probs, labels, users = [], [], []
     with torch.no_grad():
-        for batch in batches:
+        for batch in batches:  # metrics are computed where the model ran (no copy to host)
             batch = _to_device(batch, device)
-            probs.append(model.predict(batch).reshape(-1).float().cpu())
-            labels.append(batch["labels"][:, -1].cpu())
-            users.append(batch["user"].cpu())
+            probs.append(model.predict(batch).reshape(-1).double())
+            labels.append(batch["labels"][:, -1])
+            users.append(batch["user"])
     if not probs:
         return {"auc": math.nan, "gauc": math.nan, "logloss": math.nan, "finite": True, "n": 0}
-    p, y, u = (torch.cat(x).numpy() for x in (probs, labels, users))
+    p, y, u = (torch.cat(x) for x in (probs, labels, users))
     metrics = ranking_metrics(y, p, u)
     # NaN predictions are a model failure that the rank metrics alone would not show.
-    metrics["finite"] = bool(np.isfinite(p).all())
-    metrics["n"] = int(y.size)
+    metrics["finite"] = bool(torch.isfinite(p).all())
+    metrics["n"] = int(y.numel())
     return metrics
 
 
-def _train_epoch(model, optimizer, batches: Iterable[dict], cfg: TrainConfig, device) -> tuple[float, int]:
-    """One pass; returns (mean step loss, samples). Raises _Diverged before a bad update is applied."""
+def optimizer_for(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on weight matrices only. Embedding rows get their own L2 on the
+    rows a batch touches (EmbeddingL2): decaying the whole table every step would shrink the
+    rows of items a batch never saw, which hurts sparse data most."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, plain = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and id(p) not in embeddings else plain).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": plain, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+
+
+class EmbeddingL2:
+    """coefficient * sum of squared norms of the embedding rows looked up in a forward pass,
+    per sample (FuxiCTR's embedding regularizer, restricted to the rows in use). Collected by
+    forward hooks, so any model with nn.Embedding lookups gets it without knowing."""
+
+    def __init__(self, model: torch.nn.Module, coefficient: float):
+        self.coefficient, self.lookups = coefficient, []
+        self.hooks = [m.register_forward_hook(self._record) for m in model.modules()
+                      if isinstance(m, torch.nn.Embedding)] if coefficient > 0 else []
+
+    def _record(self, module, inputs, output):
+        if module.training:
+            self.lookups.append((module.weight, inputs[0]))
+
+    def penalty(self, batch_size: int) -> torch.Tensor | float:
+        lookups, self.lookups = self.lookups, []
+        if not lookups:
+            return 0.0
+        total = sum(w[ids.reshape(-1).unique()].pow(2).sum() for w, ids in lookups)
+        return self.coefficient * total / batch_size
+
+    def close(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+
+def _train_steps(model, optimizer, schedule, reg: EmbeddingL2, batches, limit: int,
+                 cfg: TrainConfig, device) -> tuple[float, int, int]:
+    """Up to `limit` steps from the iterator `batches`; returns (mean step loss, samples,
+    steps). Raises _Diverged before a bad update is applied."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
     total_loss, steps, samples = 0.0, 0, 0
     for batch in batches:
-        if cfg.max_steps_per_epoch is not None and steps >= cfg.max_steps_per_epoch:
-            break
         batch = _to_device(batch, device)
         optimizer.zero_grad(set_to_none=True)
         loss = model.loss(batch)
-        loss.backward()
+        (loss + reg.penalty(batch["labels"].shape[0])).backward()
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         # One host sync per step for both checks.
         loss_value, norm_value = torch.stack([loss.detach().float(), norm.float()]).tolist()
@@ -123,10 +148,13 @@ def _train_epoch(model, optimizer, batches: Iterable[dict], cfg: TrainConfig, de
         if not math.isfinite(norm_value) or norm_value > cfg.explode_grad_norm:
             raise _Diverged(f"gradient norm {norm_value:.3g}")
         optimizer.step()
+        schedule.step()
         total_loss += loss_value
         steps += 1
         samples += batch["labels"].shape[0]
-    return (total_loss / steps if steps else math.nan), samples
+        if steps >= limit:
+            break
+    return (total_loss / steps if steps else math.nan), samples, steps
 
 
 def _result(status, failed_epoch, reason, best_epoch, history, metrics, valid_auc, train_seconds,
@@ -143,50 +171,84 @@ def _result(status, failed_epoch, reason, best_epoch, history, metrics, valid_au
 def fit(model: torch.nn.Module, train_batches: Callable[[int], Iterable[dict]],
         valid_batches: Callable[[], Iterable[dict]], test_batches: Callable[[], Iterable[dict]],
         cfg: TrainConfig, device="cpu", on_epoch: Callable[[dict], None] | None = None) -> dict:
-    """Train with early stopping on valid AUC, restore the best epoch, evaluate test there.
+    """Train with early stopping on valid AUC, restore the best evaluation, evaluate test there.
+
+    Validation runs at the end of every pass over the training data and, with
+    `eval_every_steps`, also every that many steps: one history record per evaluation, numbered
+    by `epoch` (= the pass when evaluation is once per pass; `pass` and `step` say where it
+    happened). Patience, `no_learning_epochs` and `best_epoch` count evaluations.
 
     Seeds torch with `cfg.seed` (the caller seeds model initialisation before building the model).
-    `train_seconds` counts training steps only; each history record's `seconds` is the whole epoch,
-    validation included. Whatever the status, the model ends holding the best epoch's weights.
+    `train_seconds` counts training steps only; each history record's `seconds` is the whole
+    chunk, validation included. Whatever the status, the model ends holding the best weights.
     """
     torch.manual_seed(cfg.seed)
     model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = optimizer_for(model, cfg)
+    warmup, decay = max(cfg.warmup_steps, 1), [1.0]  # decay: the plateau factor so far
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: decay[0] * min(1.0, (step + 1) / warmup))
+    reg = EmbeddingL2(model, cfg.embedding_l2)
+    every = cfg.eval_every_steps or math.inf
+    per_pass = cfg.max_steps_per_epoch or math.inf
     history: list[dict] = []
     best_epoch, best_score, best_state = None, -math.inf, None
-    train_seconds, samples = 0.0, 0
+    train_seconds, samples, step = 0.0, 0, 0
     status, failed_epoch, reason = "ok", None, None
 
-    for epoch in range(cfg.epochs):
-        start = time.perf_counter()
-        try:
-            train_loss, n = _train_epoch(model, optimizer, train_batches(epoch), cfg, device)
-        except _Diverged as failure:
-            status, failed_epoch, reason = "diverged", epoch, failure.reason
-            break
-        finally:
-            train_seconds += time.perf_counter() - start
-        samples += n
-        valid = evaluate(model, valid_batches(), device)
-        if not valid["finite"]:
-            status, failed_epoch, reason = "diverged", epoch, "non-finite validation predictions"
-            break
-        record = {"epoch": epoch, "train_loss": train_loss, "valid_auc": valid["auc"],
-                  "valid_gauc": valid["gauc"], "valid_logloss": valid["logloss"],
-                  "seconds": time.perf_counter() - start}
+    def judge(record: dict) -> bool:
+        """Book one evaluation; True when training should stop."""
+        nonlocal best_epoch, best_score, best_state, status, failed_epoch, reason
         history.append(record)
         if on_epoch is not None:
             on_epoch(record)
-        # A nan AUC (single-class valid split) ranks below any number but still yields a best epoch.
-        score = -math.inf if math.isnan(valid["auc"]) else valid["auc"]
+        index = record["epoch"]
+        # A nan AUC (single-class valid split) ranks below any number but still yields a best.
+        score = -math.inf if math.isnan(record["valid_auc"]) else record["valid_auc"]
         if best_epoch is None or score > best_score:
-            best_epoch, best_score, best_state = epoch, score, _cpu_state(model)
-        if cfg.no_learning_epochs and epoch + 1 == cfg.no_learning_epochs \
+            best_epoch, best_score, best_state = index, score, _cpu_state(model)
+        else:
+            decay[0] *= cfg.lr_plateau_factor
+        if cfg.no_learning_epochs and index + 1 == cfg.no_learning_epochs \
                 and not learned(best_score, cfg.no_learning_margin):
-            status, failed_epoch, reason = "no_learning", epoch, f"best valid AUC {best_score:.4f}"
-            break
-        if epoch - best_epoch >= cfg.patience:
-            break
+            status, failed_epoch, reason = "no_learning", index, f"best valid AUC {best_score:.4f}"
+            return True
+        return index - best_epoch >= cfg.patience
+
+    try:
+        stop = False
+        for epoch in range(cfg.epochs):
+            batches, in_pass = iter(train_batches(epoch)), 0
+            while not stop and in_pass < per_pass:
+                start, limit = time.perf_counter(), min(every, per_pass - in_pass)
+                try:
+                    train_loss, n, steps = _train_steps(model, optimizer, schedule, reg, batches,
+                                                        limit, cfg, device)
+                except _Diverged as failure:
+                    status, failed_epoch, reason = "diverged", len(history), failure.reason
+                    stop = True
+                    break
+                finally:
+                    train_seconds += time.perf_counter() - start
+                if steps == 0 and in_pass > 0:
+                    break  # the pass ended exactly at an evaluation
+                in_pass, step, samples = in_pass + steps, step + steps, samples + n
+                valid = evaluate(model, valid_batches(), device)
+                if not valid["finite"]:
+                    status, failed_epoch = "diverged", len(history)
+                    reason, stop = "non-finite validation predictions", True
+                    break
+                stop = judge({"epoch": len(history), "pass": epoch, "step": step,
+                              "train_loss": train_loss, "valid_auc": valid["auc"],
+                              "valid_gauc": valid["gauc"], "valid_logloss": valid["logloss"],
+                              "lr": optimizer.param_groups[0]["lr"],
+                              "seconds": time.perf_counter() - start})
+                if steps < limit:
+                    break  # the pass is over
+            if stop:
+                break
+    finally:
+        reg.close()
 
     if status == "ok" and not learned(best_score, cfg.no_learning_margin):
         status, failed_epoch = "no_learning", len(history) - 1

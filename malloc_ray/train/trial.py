@@ -18,10 +18,10 @@ import torch
 from malloc_ray.config import TrialConfig, config_hash
 from malloc_ray.data import loader
 from malloc_ray.errors import InputError
+from malloc_ray.methods import get_method
 from malloc_ray.metrics.cost import cost_summary
 from malloc_ray.model.ctr import CTRModel
-from malloc_ray.model.hstu import HSTUConfig
-from malloc_ray.train.loop import NO_LEARNING_MARGIN, TrainConfig, evaluate, fit, learned
+from malloc_ray.train.loop import NO_LEARNING_MARGIN, evaluate, fit, learned
 
 
 def seed_everything(seed: int) -> None:
@@ -38,10 +38,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_model(cfg: TrialConfig, vocab_size: int) -> CTRModel:
-    hstu = HSTUConfig(d_model=cfg.d_model, num_heads=cfg.num_heads, num_layers=cfg.depth,
-                      max_len=cfg.max_len, dropout=cfg.dropout, silu_qkv=cfg.silu_qkv,
-                      label_carries_item=cfg.label_carries_item)
-    return CTRModel(hstu, cfg.method, vocab_size, cfg.hparams, cfg.loss_positions)
+    hstu = cfg.model_config()
+    return CTRModel(hstu, get_method(cfg.method), vocab_size, cfg.hparams, cfg.loss_positions)
 
 
 def batch_factories(cfg: TrialConfig, ds, samples: dict | None = None):
@@ -74,15 +72,6 @@ def inject_fault(fault: str, epoch: int, batches):
         raise RuntimeError(f"injected fault at epoch {epoch}")
     for batch in batches:  # nan: an item embedding index that yields NaN would be intrusive;
         yield {**batch, "nan_loss": True}  # the model multiplies its loss by NaN instead
-
-
-def train_config(cfg: TrialConfig) -> TrainConfig:
-    return TrainConfig(lr=cfg.lr, epochs=cfg.epochs, patience=cfg.patience,
-                       grad_clip=cfg.grad_clip, explode_grad_norm=cfg.explode_grad_norm,
-                       no_learning_epochs=cfg.no_learning_epochs,
-                       no_learning_margin=cfg.no_learning_margin,
-                       max_steps_per_epoch=cfg.max_steps_per_epoch,
-                       weight_decay=cfg.weight_decay, seed=cfg.seed)
 
 
 def run_trial(cfg: TrialConfig, on_epoch: Callable[[dict], None] | None = None,
@@ -131,7 +120,7 @@ def fit_blaming_epoch(model: CTRModel, batches: tuple, cfg: TrialConfig, device,
         return train(epoch)
 
     try:
-        return fit(model, tracked, valid, test, train_config(cfg), device=device,
+        return fit(model, tracked, valid, test, cfg.train_config(), device=device,
                    on_epoch=on_epoch)
     except Exception as exc:
         exc.failed_epoch = started[-1] if started else None
