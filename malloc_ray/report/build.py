@@ -21,8 +21,8 @@ from malloc_ray.errors import InputError
 from malloc_ray.report import figures, headline, page, tables
 from malloc_ray.study import pareto, provenance
 from malloc_ray.study.results import load_table, table_path
-from malloc_ray.study.tracking import (ROLE_TAG, artifact_root_missing, open_study_store,
-                                       store_exists, study_tracking_uri)
+from malloc_ray.study.tracking import (ROLE_TAG, artifact_root_missing, log_study_summary,
+                                       open_study_store, store_exists, study_tracking_uri)
 
 MLFLOW_UI = "http://127.0.0.1:5000"
 
@@ -168,7 +168,9 @@ def build_report(study_dir: str | Path, tracking_uri: str | None = None,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rel = lambda p: final / p.relative_to(tmp)  # noqa: E731 - paths after the swap
-    run_id = _log_to_mlflow(final, info, study_dir, tracking_uri, say) if log_to_mlflow else None
+    run_id = _log_to_mlflow(final, info, study_dir, tracking_uri, say, summary, [
+        rel(fig_paths[k]) for k in ("fig4_gauc_macs", "pareto_gauc_bytes")]) \
+        if log_to_mlflow else None
     report = Report(final, final / "report.html", [rel(p) for p in fig_paths.values()],
                     [rel(p) for p in table_files], figs["_marks"], run_id,
                     time.perf_counter() - start)
@@ -196,8 +198,10 @@ def _swap(tmp: Path, final: Path) -> None:
 
 
 def _log_to_mlflow(final: Path, info: dict, study_dir: Path, tracking_uri: str | None,
-                   say) -> str | None:
-    """Log the report under `report/` on the study's parent run (found by id or by tag)."""
+                   say, summary: pd.DataFrame | None = None, pareto_figures=()) -> str | None:
+    """Log the report under `report/` on the study's parent run (found by id or by tag), and
+    the trade-off summary as its table and the Pareto figures as images
+    (`tracking.log_study_summary`), where the MLflow UI shows them."""
     from mlflow.tracking import MlflowClient
 
     mlflow_info = info.get("mlflow") or {}
@@ -219,5 +223,7 @@ def _log_to_mlflow(final: Path, info: dict, study_dir: Path, tracking_uri: str |
             "artifacts not logged")
         return None
     client.log_artifacts(run_id, str(final), artifact_path="report")
+    if summary is not None:
+        log_study_summary(client, run_id, summary, pareto_figures)
     say(f"report: logged as artifacts of MLflow run {run_id} (report/)")
     return run_id

@@ -125,7 +125,7 @@ def load_table(study_dir: str | Path, tracking_uri: str | None = None,
 def table_from_mlflow(tracking_uri: str, experiment: str) -> pd.DataFrame:
     import mlflow
 
-    from malloc_ray.study.tracking import use_tracking_uri
+    from malloc_ray.study.tracking import final_metric_name, use_tracking_uri
 
     use_tracking_uri(tracking_uri)
     runs = mlflow.search_runs(experiment_names=[experiment],
@@ -137,8 +137,9 @@ def table_from_mlflow(tracking_uri: str, experiment: str) -> pd.DataFrame:
                "started_at": run["start_time"].timestamp() if run["start_time"] is not None else None,
                "finished_at": run["end_time"].timestamp() if run["end_time"] is not None else None}
         for col in (*COLUMNS, OLD_TOTAL_BYTES):
-            for prefix in ("tags.", "metrics."):
-                value = run.get(prefix + col)
+            # metrics under today's MLflow names (test_auc, ...), else as older runs named them
+            for name in ("tags." + col, "metrics." + final_metric_name(col), "metrics." + col):
+                value = run.get(name)
                 if value is not None and value == value and col not in row:
                     row[col] = value
         for col in ("depth", "seed"):
@@ -150,10 +151,15 @@ def table_from_mlflow(tracking_uri: str, experiment: str) -> pd.DataFrame:
 
 
 def _history_from_mlflow(client, run_id: str) -> list[dict]:
-    """Per-epoch records from the metric histories (step = epoch). The final `valid_auc` is also
-    logged at step 0 after training, so the first value logged at each step is the epoch's."""
+    """Per-epoch records from the metric histories (step = epoch), under today's MLflow names
+    (`tracking.epoch_metric_name`) or those of older runs. Older runs also logged the final
+    `valid_auc` after training, so the first value logged at each step is the epoch's."""
+    from malloc_ray.study.tracking import epoch_metric_name
+
     records: dict[int, dict] = {}
     for key in EPOCH_KEYS:
-        for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp):
+        logged = (client.get_metric_history(run_id, epoch_metric_name(key))
+                  or client.get_metric_history(run_id, key))
+        for m in sorted(logged, key=lambda m: m.timestamp):
             records.setdefault(m.step, {"epoch": m.step}).setdefault(key, m.value)
     return [records[step] for step in sorted(records) if "train_loss" in records[step]]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from malloc_ray import smoke
 from malloc_ray.config import TrialConfig, config_hash
 from malloc_ray.data.prepare import prepare, read_meta
 from malloc_ray.methods import get_method
@@ -33,7 +34,6 @@ from malloc_ray.study.storage import check_cluster_storage, tune_storage_path
 from malloc_ray.study.tracking import (check_study_store, finish_study_run, resolve_tracking_uri,
                                        start_study_run)
 
-SMOKE_DATA = {"users": 120, "max_len": 48}  # caps for synthetic recipes under --smoke-test
 
 
 def log(msg: str) -> None:
@@ -49,10 +49,7 @@ def prepare_datasets(spec: StudySpec, smoke_test: bool) -> dict[str, str]:
         if ds.path:
             dirs[ds.name] = str(out)
             continue
-        recipe = dict(ds.prepare)
-        if smoke_test and recipe.get("source") == "synthetic":
-            for key, cap in SMOKE_DATA.items():
-                recipe[key] = min(recipe.get(key, cap), cap)
+        recipe = smoke.synthetic_recipe(ds.prepare) if smoke_test else dict(ds.prepare)
         stamp = out.parent / f"{ds.name}.recipe.json"
         if out.exists() and stamp.exists() and json.loads(stamp.read_text()) == recipe:
             log(f"dataset {ds.name}: reusing {out}")
@@ -233,7 +230,7 @@ def run_optuna(spec: StudySpec, dirs: dict[str, str], study, smoke_test: bool) -
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
-    from malloc_ray.study.spec import OBJECTIVES, smoke_overrides
+    from malloc_ray.study.spec import OBJECTIVES
     from malloc_ray.study.trainable import run_cell
 
     methods = [m for m in spec.methods if get_method(m).workflow == "trained"]
@@ -244,7 +241,7 @@ def run_optuna(spec: StudySpec, dirs: dict[str, str], study, smoke_test: bool) -
         meta = read_meta(dirs[ds.name])
         done = [r for r in results_mod.finished_results(spec.study_dir).values()
                 if r["dataset"] == ds.name]
-        budget = (2 if smoke_test else spec.search.num_samples) - len(done)
+        budget = (smoke.SEARCH_SAMPLES if smoke_test else spec.search.num_samples) - len(done)
         log(f"optuna on {ds.name}: {len(done)} trials finished, {max(budget, 0)} to run")
         if budget <= 0:
             continue
@@ -252,7 +249,7 @@ def run_optuna(spec: StudySpec, dirs: dict[str, str], study, smoke_test: bool) -
         base = {**spec.trial, "dataset": dirs[ds.name], "seed": spec.seeds[0], "method": "native",
                 "depth": spec.depths[0]}
         if smoke_test:
-            base.update(smoke_overrides(base))
+            base.update(smoke.trial_overrides(base))
         base_cfg = TrialConfig.from_dict(base).to_dict()
         samples = materialize_samples([{"dataset": ds.name, "config": base_cfg}])
 
@@ -261,7 +258,7 @@ def run_optuna(spec: StudySpec, dirs: dict[str, str], study, smoke_test: bool) -
             raw = {**spec.trial, **config, "dataset": ds_dir, "seed": spec.seeds[0],
                    "hparams": dict(spec.hparams.get(config["method"], {}))}
             if smoke_test:
-                raw.update(smoke_overrides(raw))
+                raw.update(smoke.trial_overrides(raw))
             key = f"{ds_name}|{raw.get('max_len', 128)}|{raw.get('loss_positions', 'all')}"
             if raw.get("loader") == "ray" and key not in (samples or {}):
                 raw["loader"] = "local"  # no driver-made rows for this selection: no Ray tasks
@@ -336,7 +333,8 @@ def run_study(spec: StudySpec, smoke_test: bool = False, retry_failed: bool = Fa
     todo = [r for r in records if r["trial_id"] not in finished]
     log(f"study {spec.name}: {len(records)} cells, {len(records) - len(todo)} already finished, "
         f"{len(todo)} to run; MLflow: {tracking_uri}")
-    study = start_study_run(tracking_uri, spec.name, study_dir, params=study_params(spec, dirs))
+    study = start_study_run(tracking_uri, spec.name, study_dir, params=study_params(spec, dirs),
+                            datasets=dirs)
     provenance.write(study_dir, provenance.collect(spec, dirs, tracking_uri, study, smoke_test))
     reconcile_study(study, study_dir, log)  # what a killed driver left: one child run per cell
     status = "FAILED"
@@ -363,7 +361,7 @@ def run_search_study(spec: StudySpec, dirs: dict[str, str], tracking_uri: str,
                      smoke_test: bool) -> pd.DataFrame:
     init_ray()
     study = start_study_run(tracking_uri, spec.name, spec.study_dir,
-                            params=study_params(spec, dirs))
+                            params=study_params(spec, dirs), datasets=dirs)
     provenance.write(spec.study_dir, provenance.collect(spec, dirs, tracking_uri, study,
                                                         smoke_test))
     reconcile_study(study, spec.study_dir, log)

@@ -36,6 +36,31 @@ FINAL_METRICS = ("auc", "gauc", "logloss", "valid_auc", "best_epoch", "epochs_ru
                  "kv_bytes_per_user", "kv_payload_bytes_per_user", "macs_per_request",
                  "macs_prefill", "peak_memory_bytes", "estimated_memory_bytes", "train_seconds",
                  "samples_per_second")
+# One MLflow name per quantity, so the UI's charts and columns never mix two meanings: the
+# result's test metrics are `test_*`, the best epoch's validation AUC is not the per-epoch
+# `valid_auc` curve, and an epoch's wall time says it is one. Fields not listed keep their name.
+FINAL_METRIC_NAMES = {"auc": "test_auc", "gauc": "test_gauc", "logloss": "test_logloss",
+                      "valid_auc": "best_valid_auc"}
+EPOCH_METRIC_NAMES = {"seconds": "epoch_seconds"}
+# The peak resident memory of the trial's process, sampled with the system metrics.
+PEAK_RSS_METRIC = "peak_rss_bytes"
+SUMMARY_TABLE = "trade_off_summary.json"  # the parent run's `mlflow.log_table` artifact
+PARETO_FIGURES_DIR = "pareto"  # the parent run's Pareto figures (PNG artifacts)
+
+
+def final_metric_name(field: str) -> str:
+    """The MLflow metric a result field is logged as."""
+    return FINAL_METRIC_NAMES.get(field, field)
+
+
+def epoch_metric_name(field: str) -> str:
+    """The MLflow metric an epoch record's field is logged as (step = epoch)."""
+    return EPOCH_METRIC_NAMES.get(field, field)
+
+
+def run_name(method: str, depth, seed) -> str:
+    """A child run's name: short, and sorted and read as the runs table nests them."""
+    return f"{method} d{depth} s{seed}"
 
 
 def use_tracking_uri(uri: str) -> None:
@@ -216,11 +241,181 @@ class StudyRun:
 
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+DATASET_CONTEXT_TAG = "mlflow.data.context"
+
+
+# -- datasets ------------------------------------------------------------------------------------
+def dataset_input(name: str, directory: str | Path, context: str,
+                  study_dir: str | Path | None = None):
+    """An MLflow dataset input for a prepared dataset: its id as the digest, its Table-1 stats
+    and label-stream audit (meta.json) as the profile, its directory (relative to the study
+    when inside it) as the source. The UI's Dataset column and dataset view show these."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from malloc_ray.data.prepare import dataset_stats
+    from malloc_ray.study.provenance import relative_to_study
+
+    stats = dataset_stats(directory)
+    profile = {k: v for k, v in stats.items() if k not in ("name", "dataset_id")}
+    source = {"uri": relative_to_study(Path(directory), study_dir)}
+    dataset = Dataset(name=name, digest=str(stats["dataset_id"])[:36], source_type="local",
+                      source=json.dumps(source), profile=json.dumps(profile))
+    return DatasetInput(dataset, tags=[InputTag(DATASET_CONTEXT_TAG, context)])
+
+
+def log_datasets(client, run_id: str, datasets: dict[str, str], context: str,
+                 study_dir: str | Path | None = None) -> None:
+    """Log each `name -> directory` as a dataset input of the run (not twice: a resumed study
+    logs its parent's inputs again, which MLflow then keeps once)."""
+    have = {(d.dataset.name, d.dataset.digest) for d in client.get_run(run_id).inputs.dataset_inputs}
+    inputs = [dataset_input(name, directory, context, study_dir)
+              for name, directory in sorted(datasets.items())]
+    inputs = [i for i in inputs if (i.dataset.name, i.dataset.digest) not in have]
+    if inputs:
+        client.log_inputs(run_id, datasets=inputs)
+
+
+# -- system metrics ------------------------------------------------------------------------------
+# A trial lasts seconds (post-hoc, smoke) to hours. The machine is sampled every second and the
+# mean of a window is logged as one step of MLflow's `system/*` metrics; the windows double from
+# 1 s to 60 s. A trial of seconds gets a few points (always one at its end), an hour ~65, ten
+# hours ~600: enough to see a run's shape without flooding the store. MLflow's own
+# MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL / _SAMPLES_BEFORE_LOGGING, when set, fix both instead.
+SYSTEM_SAMPLE_SECONDS = 1.0
+SYSTEM_MAX_WINDOW = 60  # samples
+
+
+def _trial_monitor_class():
+    import psutil
+    from mlflow.environment_variables import MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING
+    from mlflow.system_metrics.metrics.base_metrics_monitor import BaseMetricsMonitor
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    class ProcessMonitor(BaseMetricsMonitor):
+        """The trial's own process (and its children): what the machine-wide numbers share
+        with other trials on the same node."""
+
+        def __init__(self):
+            super().__init__()
+            self.process, self.peak_rss = psutil.Process(), 0
+
+        def collect_metrics(self):
+            try:
+                procs = [self.process, *self.process.children(recursive=True)]
+                rss = sum(p.memory_info().rss for p in procs)
+            except psutil.Error:
+                return
+            self.peak_rss = max(self.peak_rss, rss)
+            self._metrics["process_memory_rss_megabytes"].append(rss / 1e6)
+
+        def aggregate_metrics(self):
+            return {k: round(sum(v) / len(v), 1) for k, v in self._metrics.items() if v}
+
+    class TrialSystemMetrics(SystemMetricsMonitor):
+        """MLflow's system metrics monitor (CPU, memory, disk, network; GPU through NVML where
+        there is one) on a growing logging window, flushed when the trial ends."""
+
+        def __init__(self, run_id: str, tracking_uri: str):
+            super().__init__(run_id, sampling_interval=SYSTEM_SAMPLE_SECONDS,
+                             tracking_uri=tracking_uri)
+            self.process_monitor = ProcessMonitor()
+            self.monitors.append(self.process_monitor)
+            self.fixed_window = MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING.get()
+            self._pending = 0
+
+        def monitor(self):
+            psutil.cpu_percent()  # the first call (per thread) only starts psutil's CPU clock
+            window = 1
+            while not self._shutdown_event.wait(self.sampling_interval):
+                self.collect_metrics()
+                self._pending += 1
+                if self._pending >= (self.fixed_window or window):
+                    self._publish()
+                    window = min(window * 2, SYSTEM_MAX_WINDOW)
+
+        def _publish(self):
+            try:
+                self.publish_metrics(self.aggregate_metrics())
+            except Exception:  # noqa: BLE001 - system metrics never fail a trial
+                pass
+            self._pending = 0
+
+        def finish(self):
+            """Stop sampling; log what the last window holds (one sample at least)."""
+            self._shutdown_event.set()
+            if self._process is not None:
+                self._process.join()
+                self._process = None
+            if self._pending == 0 and self._logging_step == 0:
+                self.collect_metrics()
+                self._pending = 1
+            if self._pending:
+                self._publish()
+            self.mlflow_logger.flush()
+
+    return TrialSystemMetrics
+
+
+def start_system_metrics(run_id: str, tracking_uri: str):
+    """Start sampling system metrics into the run; None where MLflow cannot (no psutil)."""
+    import logging
+
+    try:
+        monitor = _trial_monitor_class()(run_id, tracking_uri)
+    except Exception as exc:  # noqa: BLE001 - a trial runs without them, saying so
+        logging.getLogger(__name__).warning("no system metrics for run %s: %r", run_id, exc)
+        return None
+    monitor.start()
+    return monitor
+
+
+# -- the trade-off summary on the parent run ------------------------------------------------------
+SUMMARY_COLUMNS = {  # summary column (pareto.pareto_table) -> column of the logged table
+    # what a reader compares first: the cell, its accuracy and interval, the verdict, the costs
+    "dataset": "dataset", "method": "method", "depth": "depth",
+    "gauc": "test_gauc", "gauc_ci95": "test_gauc_ci95",
+    "delta_gauc_vs_native": "delta_test_gauc_vs_native",
+    "delta_gauc_vs_native_ci95": "delta_test_gauc_vs_native_ci95",
+    "verdict_vs_native": "verdict_vs_native",
+    "kv_bytes_per_user": "kv_bytes_per_user",
+    "kv_payload_bytes_per_user": "kv_payload_bytes_per_user",
+    "macs_per_request": "macs_per_request",
+    "front_gauc_macs": "on_front_gauc_macs", "front_gauc_bytes": "on_front_gauc_bytes",
+    "front_gauc_macs_bytes": "on_front_gauc_macs_bytes",
+    "auc": "test_auc", "auc_ci95": "test_auc_ci95", "logloss": "test_logloss",
+    "logloss_ci95": "test_logloss_ci95",
+    "n_seeds": "n_seeds", "n_ok": "n_ok", "n_failed": "n_failed",
+    "failed_statuses": "failed_statuses", "n_pairs_vs_native": "n_pairs_vs_native",
+    "label": "label", "hparams": "hparams", "category": "category", "workflow": "workflow",
+}
+
+
+def summary_frame(summary):
+    """The trade-off summary (`pareto.pareto_table`) as the parent run's table: one row per
+    (dataset, method, depth) (and hyperparameters, in a search), named as the metrics are."""
+    cols = [c for c in SUMMARY_COLUMNS if c in summary.columns]
+    return summary[cols].rename(columns=SUMMARY_COLUMNS).reset_index(drop=True)
+
+
+def log_study_summary(client, run_id: str, summary, figures=()) -> None:
+    """`mlflow.log_table` of the trade-off summary on the parent run (replacing the one an
+    earlier report logged: log_table appends to an existing file) and the Pareto figures as
+    image artifacts under `pareto/`."""
+    if SUMMARY_TABLE in {a.path for a in client.list_artifacts(run_id)}:
+        try:
+            client._tracking_client._get_artifact_repo(run_id).delete_artifacts(SUMMARY_TABLE)
+        except Exception:  # noqa: BLE001 - a store that cannot delete: the table is appended
+            pass
+    client.log_table(run_id, data=summary_frame(summary), artifact_file=SUMMARY_TABLE)
+    for path in figures:
+        client.log_artifact(run_id, str(path), artifact_path=PARETO_FIGURES_DIR)
 
 
 def start_study_run(tracking_uri: str, study_name: str, study_dir: Path,
-                    params: dict | None = None) -> StudyRun:
-    """Experiment + parent run, reusing the parent of an earlier run of the same study."""
+                    params: dict | None = None, datasets: dict[str, str] | None = None
+                    ) -> StudyRun:
+    """Experiment + parent run, reusing the parent of an earlier run of the same study.
+    `datasets` (name -> prepared directory) are logged as the parent's dataset inputs."""
     from mlflow.tracking import MlflowClient
 
     relocate_artifacts(tracking_uri, study_dir)  # a moved study logs into its own directory
@@ -243,8 +438,12 @@ def start_study_run(tracking_uri: str, study_name: str, study_dir: Path,
         logged = parents[0].data.params
     else:
         parent = client.create_run(experiment_id, run_name=study_name,
-                                   tags={ROLE_TAG: "study", STUDY_TAG: study_name})
+                                   tags={ROLE_TAG: "study", STUDY_TAG: study_name,
+                                         "study": study_name})
         parent_id, logged = parent.info.run_id, {}
+    client.set_tag(parent_id, "study", study_name)  # also on a parent from before the tag
+    if datasets:
+        log_datasets(client, parent_id, datasets, "study", study_dir)
     # Only what the parent lacks (a driver killed right after creating it logged none).
     for key, value in (params or {}).items():
         if key not in logged:
@@ -263,9 +462,13 @@ class ChildRun:
     `params` are logged beside the config's fields (facts about the cell's data, not config)."""
 
     def __init__(self, run: StudyRun, name: str, tags: dict, config: dict,
-                 params: dict | None = None, keep: str | None = None):
+                 params: dict | None = None, keep: str | None = None,
+                 dataset: tuple[str, str] | None = None, study_dir: str | None = None,
+                 system_metrics: bool = True):
         """`keep`: the run the cell's current result file names (a re-run of a failed cell):
-        it stays until this run has replaced it (`drop_others`)."""
+        it stays until this run has replaced it (`drop_others`). `dataset`: (name, prepared
+        directory), logged as the run's dataset input. `system_metrics`: sample the machine
+        into the run until `finish`."""
         from mlflow.tracking import MlflowClient
 
         self.client, self.study, self.config_hash = (MlflowClient(run.tracking_uri), run,
@@ -280,6 +483,21 @@ class ChildRun:
             self.client.log_param(self.run_id, key, json.dumps(value) if isinstance(value, dict)
                                   else str(value))
         self.log_json(config, "config.json")
+        if dataset is not None:
+            self.log_dataset(*dataset, study_dir=study_dir)
+        self.monitor = start_system_metrics(self.run_id, run.tracking_uri) if system_metrics \
+            else None
+
+    def log_dataset(self, name: str, directory: str, study_dir: str | None = None) -> None:
+        """The cell's dataset as the run's input (what the UI's Dataset column shows); a
+        dataset directory that cannot be read costs the run its input, never the trial."""
+        import logging
+
+        try:
+            log_datasets(self.client, self.run_id, {name: directory}, "training", study_dir)
+        except Exception as exc:  # noqa: BLE001
+            logging.getLogger(__name__).warning("dataset input of run %s not logged: %r",
+                                                self.run_id, exc)
 
     def drop_others(self, keep: str | None = None) -> None:
         """Delete every other child run of this cell (any status), except `keep`."""
@@ -292,8 +510,8 @@ class ChildRun:
         from mlflow.entities import Metric
 
         step, now = int(record["epoch"]), _now_ms()
-        metrics = [Metric(k, float(v), now, step) for k, v in record.items()
-                   if k != "epoch" and isinstance(v, (int, float)) and v == v]
+        metrics = [Metric(epoch_metric_name(k), float(v), now, step) for k, v in record.items()
+                   if k not in ("epoch", "pass") and isinstance(v, (int, float)) and v == v]
         self.client.log_batch(self.run_id, metrics=metrics)
 
     def log_json(self, obj: dict, name: str) -> None:
@@ -320,8 +538,16 @@ class ChildRun:
         # Final values go one step past the last epoch, so MLflow shows them as the run's latest
         # and they never mix with the per-epoch `valid_auc` curve.
         now, step = _now_ms(), int(result.get("epochs_run") or 0)
-        metrics = [Metric(k, float(result[k]), now, step) for k in FINAL_METRICS
+        metrics = [Metric(final_metric_name(k), float(result[k]), now, step)
+                   for k in FINAL_METRICS
                    if isinstance(result.get(k), (int, float)) and result[k] == result[k]]
+        monitor = getattr(self, "monitor", None)
+        if monitor is not None:  # the trial is over: its last window, and its peak memory
+            monitor.finish()
+            if monitor.process_monitor.peak_rss:
+                metrics.append(Metric(PEAK_RSS_METRIC, float(monitor.process_monitor.peak_rss),
+                                      now, step))
+            self.monitor = None
         self.client.log_batch(self.run_id, metrics=metrics)
         if result.get("history"):
             self.log_curves(result)
@@ -414,11 +640,12 @@ def _recreate(client, run: StudyRun, result: dict):
             "config_hash": result["trial_id"],
             **{k: str(result[k]) for k in CHILD_TAGS + ("dataset",)
                if k != "config_hash" and result.get(k) is not None}}
-    created = client.create_run(run.experiment_id, run_name=result.get("name") or
-                                f"{result.get('dataset')}-{result.get('method')}-d"
-                                f"{result.get('depth')}-s{result.get('seed')}-"
-                                f"{result['trial_id'][:6]}", tags=tags)
+    created = client.create_run(run.experiment_id, run_name=run_name(
+        result.get("method"), result.get("depth"), result.get("seed")), tags=tags)
     child = _Existing(client, run, created.info.run_id, result["trial_id"])
+    directory = (result.get("config") or {}).get("dataset")
+    if result.get("dataset") and directory:
+        child.log_dataset(result["dataset"], directory)
     for key, value in (result.get("config") or {}).items():
         client.log_param(child.run_id, key, json.dumps(value) if isinstance(value, dict)
                          else str(value))

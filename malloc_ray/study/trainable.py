@@ -22,7 +22,7 @@ from pathlib import Path
 
 from malloc_ray.config import TrialConfig
 from malloc_ray.study.provenance import fmt_label_stream_auc
-from malloc_ray.study.tracking import ChildRun, StudyRun
+from malloc_ray.study.tracking import ChildRun, StudyRun, run_name
 
 
 def result_path(study_dir: str | Path, trial_id: str) -> Path:
@@ -77,8 +77,10 @@ def run_cell(cell: dict, study: StudyRun, study_dir: str, samples: dict | None =
     # The dataset's label-stream audit travels with its id, so a leaky dataset shows on the run.
     audit = {"label_stream_auc": fmt_label_stream_auc(cell.get("label_stream_auc"))}
     previous = read_result(result_path(study_dir, cell["trial_id"]))  # a re-run failed cell
-    child = ChildRun(study, name=cell["name"], tags=tags, config=cfg.to_dict(), params=audit,
-                     keep=(previous or {}).get("mlflow_run_id"))
+    child = ChildRun(study, name=run_name(cfg.method, cfg.depth, cfg.seed), tags=tags,
+                     config=cfg.to_dict(), params=audit,
+                     keep=(previous or {}).get("mlflow_run_id"),
+                     dataset=(cell["dataset"], cfg.dataset), study_dir=study_dir)
     if cfg.device == "cuda" and cell.get("gpu_fraction"):
         torch.cuda.set_per_process_memory_fraction(min(1.0, cell["gpu_fraction"]))
 
