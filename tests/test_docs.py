@@ -112,7 +112,7 @@ def _recorded_auc(text: str, row: str) -> float:
     return float(line.split("|")[2].strip().strip("*"))
 
 
-def _long_history_result(text: str, printed: list[tuple[str, str]]) -> None:
+def _long_history_result(text: str, printed: list[tuple[str, str]], root: Path) -> None:
     """docs/results.md: full window beats the last 8 interactions by >= 0.02 test AUC, and the
     table records what the two trainings print (to float drift between machines)."""
     trains = [json.loads(out) for raw, out in printed if raw.startswith("malloc-ray train")]
@@ -123,7 +123,20 @@ def _long_history_result(text: str, printed: list[tuple[str, str]]) -> None:
     assert abs(last8["auc"] - _recorded_auc(text, "last 8")) < 0.01, last8["auc"]
 
 
-CHECKS = {"docs/results.md": _long_history_result}
+def _quickstart_shows_a_finding(text: str, printed: list[tuple[str, str]], root: Path) -> None:
+    """README quickstart: Native learns (mean test AUC >= 0.65 over >= 3 seeds) and at least one
+    method differs from it beyond seed noise (a verdict other than "≈"), read from the report's
+    summary.csv as a user would."""
+    summary = pd.read_csv(root / "runs" / "quickstart" / "report" / "summary.csv")
+    native = summary[summary["method"] == "native"]
+    assert len(native) and (native["n_ok"] >= 3).all(), native.to_string()
+    assert (native["auc"] >= 0.65).all(), native[["depth", "auc", "auc_ci95"]].to_string()
+    verdicts = summary.loc[summary["method"] != "native", "verdict_vs_native"]
+    assert verdicts.isin(["better", "worse"]).any(), summary[
+        ["method", "depth", "delta_gauc_vs_native", "verdict_vs_native"]].to_string()
+
+
+CHECKS = {"README.md": _quickstart_shows_a_finding, "docs/results.md": _long_history_result}
 
 
 # -- running -----------------------------------------------------------------------------------
@@ -210,4 +223,4 @@ def test_documented_commands_run(page, scratch):
             f"{done.stderr[-3000:]}")
         printed.append((raw, done.stdout))
     if page in CHECKS:
-        CHECKS[page]((REPO / page).read_text(), printed)
+        CHECKS[page]((REPO / page).read_text(), printed, scratch)
