@@ -18,6 +18,7 @@ from malloc_ray.errors import InputError
 DEVICES = ("cpu", "cuda")
 LOADERS = ("local", "ray")
 LOSS_POSITIONS = ("all", "last")  # train on every item of a window, or on its target only
+EVAL_PROTOCOLS = ("window", "stream")  # a fresh window per target, or serving replay per user
 
 
 # On CPU an evaluation batch is sized by its (B, heads, 2L, 2L) attention score buffer: past
@@ -31,7 +32,8 @@ CUDA_EVAL_BATCH = 256
 
 
 # Fields with a fixed set of values (the CLI offers them as choices).
-CHOICES = {"device": DEVICES, "loader": LOADERS, "loss_positions": LOSS_POSITIONS}
+CHOICES = {"device": DEVICES, "loader": LOADERS, "loss_positions": LOSS_POSITIONS,
+           "eval_protocol": EVAL_PROTOCOLS}
 # One line of help per field, where the name alone does not say it (the CLI shows them).
 FIELD_HELP = {
     "dataset": "prepared dataset directory (malloc-ray data prepare)",
@@ -54,6 +56,8 @@ FIELD_HELP = {
     "no_learning_margin": "best validation AUC below 0.5 + this: status no_learning",
     "max_steps_per_epoch": "cap on training steps per pass",
     "loader": "batches from in-process numpy (local) or Ray Data (ray)",
+    "eval_protocol": "window: a fresh window per target; stream: per user prefill once, "
+                     "then score and append each target (docs/training.md)",
 }
 
 
@@ -109,6 +113,7 @@ class TrialConfig:
     hparams: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 64
     eval_batch_size: int | None = None  # None: sized for the device (default_eval_batch_size)
+    eval_protocol: str = "window"
     lr: float = 5e-4
     weight_decay: float = 0.0
     embedding_l2: float = 0.0
@@ -195,6 +200,7 @@ RULES: dict[str, tuple[Any, str]] = {
     "device": (lambda v: v in DEVICES, f"one of {DEVICES}"),
     "loader": (lambda v: v in LOADERS, f"one of {LOADERS}"),
     "loss_positions": (lambda v: v in LOSS_POSITIONS, f"one of {LOSS_POSITIONS}"),
+    "eval_protocol": (lambda v: v in EVAL_PROTOCOLS, f"one of {EVAL_PROTOCOLS}"),
     # patience 0 would end every trial after its first evaluation
     **{k: (_positive, "a positive integer") for k in
        ("depth", "d_model", "num_heads", "batch_size", "epochs", "patience")},

@@ -55,3 +55,10 @@ def test_gpu_training_without_cuda_says_so_and_measures_nothing():
     done = run("gpu_training.py")
     assert done.returncode != 0
     assert "CUDA is not available" in done.stderr and "nothing was measured" in done.stderr
+
+
+def test_eval_stream_smoke_prints_both_protocols_and_their_ratio():
+    done = run("eval_stream.py", "--smoke-test")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "window:" in done.stdout and "x window" in done.stdout
+    assert "largest metric difference" in done.stdout

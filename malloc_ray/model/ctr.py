@@ -103,9 +103,24 @@ class CTRModel(nn.Module):
     def predict(self, batch) -> torch.Tensor:
         """Click probability of each window's target, through the serving path (prefill the
         history, score the target): evaluation measures exactly what serving would return."""
+        if "targets" in batch:
+            return self.predict_stream(batch)
         items, labels, lengths = batch["items"], batch["labels"], batch["lengths"]
         memory = self.prefill(items[:, :-1], labels[:, :-1], lengths - 1)
         return torch.sigmoid(self.score(memory, items[:, -1:])[:, 0])
+
+    @torch.no_grad()
+    def predict_stream(self, batch) -> torch.Tensor:
+        """A stream batch (data/streams.py): prefill each history once, then per target in
+        time order append it with its label; the logit append returns for it is what it was
+        scored before its label was known. Probabilities of the real targets, row-major."""
+        memory = self.prefill(batch["items"], batch["labels"], batch["lengths"])
+        logits = []
+        for j in range(batch["targets"].shape[1]):
+            memory, logit = self.append(memory, batch["targets"][:, j:j + 1],
+                                        batch["target_labels"][:, j:j + 1])
+            logits.append(logit[:, 0])
+        return torch.sigmoid(torch.stack(logits, 1)[batch["target_mask"]])
 
     # -- serving path (model/serving.py) ------------------------------------------------
     @torch.no_grad()

@@ -48,8 +48,9 @@ def _depth_sentence(part: pd.DataFrame, depth) -> str:
 
 
 def dataset_findings(summary: pd.DataFrame, info: dict) -> list[dict]:
-    """Per dataset: {dataset, learned, banner, sentences, label_stream_auc}."""
+    """Per dataset: {dataset, learned, banner, sentences, label_stream_auc, evaluation}."""
     learned = native_learned(summary)
+    evaluation = evaluation_words(info)
     recorded = info.get("datasets") or {}
     out = []
     for ds in sorted(summary["dataset"].unique()):
@@ -61,8 +62,22 @@ def dataset_findings(summary: pd.DataFrame, info: dict) -> list[dict]:
         sentences = [] if banner else [_depth_sentence(p, depth)
                                        for depth, p in part.groupby("depth", sort=True)]
         out.append({"dataset": ds, "learned": learned[ds], "banner": banner,
-                    "sentences": sentences, "label_stream_auc": audit})
+                    "sentences": sentences, "label_stream_auc": audit,
+                    "evaluation": evaluation})
     return out
+
+
+EVALUATION = {
+    "window": "window protocol: every target scored from a fresh window of its history",
+    "stream": "stream protocol: per user one prefill, then each target scored and appended "
+              "in time order, as a server does",
+}
+
+
+def evaluation_words(info: dict) -> str:
+    """How the study's targets were scored (study.json `eval_protocol`; window if older)."""
+    return "Evaluation: " + EVALUATION.get(info.get("eval_protocol") or "window",
+                                           str(info.get("eval_protocol")))
 
 
 def findings_html(findings: list[dict]) -> str:
@@ -79,7 +94,8 @@ def findings_html(findings: list[dict]) -> str:
             f"<h3>{html.escape(f['dataset'])}</h3>{body}"
             f'<p class="note">Label-stream AUC {html.escape(audit)}'
             + (" — above the leak threshold: the label stream alone predicts the target."
-               if leak else "") + "</p></div>")
+               if leak else "") + f'</p><p class="note">{html.escape(f["evaluation"])}</p>'
+            "</div>")
     return "".join(parts)
 
 
@@ -89,5 +105,5 @@ def findings_markdown(findings: list[dict]) -> str:
         lines += [f"### {f['dataset']}", ""]
         lines += [f"> **{f['banner']}**"] if f["banner"] else f["sentences"]
         lines += ["", f"Label-stream AUC: {provenance.fmt_label_stream_auc(f['label_stream_auc'])}",
-                  ""]
+                  "", f["evaluation"], ""]
     return "\n".join(lines)

@@ -169,6 +169,8 @@ def collect(spec, dirs: dict[str, str], tracking_uri: str, study_run=None,
         "datasets": dataset_info(dirs, spec.study_dir),
         "seeds": list(spec.seeds),
         "protocol": PROTOCOL,
+        # how targets are scored (data/streams.py); a spec's overrides may change it per cell
+        "eval_protocol": spec.trial.get("eval_protocol", "window"),
         "mlflow": {**recorded_mlflow(tracking_uri, spec.study_dir), "experiment": spec.name,
                    "experiment_id": getattr(study_run, "experiment_id", None),
                    "parent_run_id": getattr(study_run, "parent_run_id", None)},

@@ -75,8 +75,9 @@ def evaluate(model: torch.nn.Module, batches: Iterable[dict], device="cpu") -> d
         for batch in batches:  # metrics are computed where the model ran (no copy to host)
             batch = _to_device(batch, device)
             probs.append(model.predict(batch).reshape(-1).double())
-            labels.append(batch["labels"][:, -1])
-            users.append(batch["user"])
+            # a stream batch (data/streams.py) scores several targets per user
+            labels.append(batch.get("eval_labels", batch["labels"][:, -1]))
+            users.append(batch.get("eval_users", batch["user"]))
     if not probs:
         return {"auc": math.nan, "gauc": math.nan, "logloss": math.nan, "finite": True, "n": 0}
     p, y, u = (torch.cat(x) for x in (probs, labels, users))

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from malloc_ray.config import TrialConfig, config_hash
-from malloc_ray.data import loader
+from malloc_ray.data import loader, streams
 from malloc_ray.errors import InputError
 from malloc_ray.methods import get_method
 from malloc_ray.metrics.cost import cost_summary
@@ -49,6 +49,8 @@ def batch_factories(cfg: TrialConfig, ds, samples: dict | None = None):
     study driver prepares them once); without it each split is selected from `ds`."""
     def make(split: str, shuffle: bool, seed: int):
         size = cfg.batch_size if split == "train" else cfg.eval_batch_size
+        if split != "train" and cfg.eval_protocol == "stream":  # one row per user
+            return streams.stream_batches(ds, split, cfg.max_len, size)
         kwargs = dict(split=split, batch_size=size, max_len=cfg.max_len,
                       loss_positions=cfg.loss_positions, shuffle=shuffle, seed=seed)
         if cfg.loader == "ray":
@@ -86,6 +88,8 @@ def run_trial(cfg: TrialConfig, on_epoch: Callable[[dict], None] | None = None,
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     ds = loader.load_dataset(cfg.dataset)
+    if cfg.eval_protocol == "stream":
+        streams.user_streams(ds, "valid", cfg.max_len)  # refuses what it cannot replay, now
     model = build_model(cfg, ds.meta["vocab_size"]).to(device)
     train, valid, test = batch_factories(cfg, ds, samples)
     if model.method.workflow == "post-hoc":
