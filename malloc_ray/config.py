@@ -251,3 +251,12 @@ def config_hash(cfg: TrialConfig, dataset_id: str) -> str:
         resolved.pop(key)
     blob = json.dumps(resolved, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def baseline_hash(name: str, dataset_id: str, max_len: int, **options) -> str:
+    """Stable id of a study's baseline cell (`study.run.run_baselines`): the baseline, the
+    dataset's content id and the history window, plus what else changes its scores (`options`,
+    e.g. a peer's batch size). A prefix keeps it apart from every `config_hash`."""
+    resolved = {"baseline": name, "dataset": dataset_id, "max_len": int(max_len), **options}
+    blob = json.dumps(resolved, sort_keys=True, default=str).encode()
+    return hashlib.sha256(b"baseline:" + blob).hexdigest()[:16]

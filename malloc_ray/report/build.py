@@ -133,15 +133,19 @@ def build_report(study_dir: str | Path, tracking_uri: str | None = None,
     say(f"report: {len(table)} trials from {table_path(study_dir)}")
     summary = pareto.pareto_table(table)
     per_depth = pareto.pareto_table(table, per_depth=True)
+    # Baseline rows (a spec's `baselines`) are in the accuracy table, the findings, the
+    # failure counts and summary.csv; cost tables, fronts and figures are the methods'.
+    m_table, m_summary = table[~pareto.is_baseline(table)], summary[~pareto.is_baseline(summary)]
+    m_per_depth = per_depth[~pareto.is_baseline(per_depth)]
     mlflow_info = info.get("mlflow") or {}
-    methods = sorted(table["method"].unique())
-    all_t = (tables.table2(summary), tables.table3(table, summary),
+    methods = sorted(m_table["method"].unique())
+    all_t = (tables.table2(summary), tables.table3(m_table, m_summary),
              tables.table3_paper_scale(methods), tables.table4(methods),
              tables.failure_counts(table),
              tables.failed_list(pareto.failed_cells(table), MLFLOW_UI,
                                 mlflow_info.get("experiment_id")),
-             tables.pareto(summary, per_depth=False), tables.pareto(per_depth, per_depth=True),
-             tables.datasets(info))
+             tables.pareto(m_summary, per_depth=False),
+             tables.pareto(m_per_depth, per_depth=True), tables.datasets(info))
 
     final = study_dir / "report"
     tmp = study_dir / f".report-tmp-{os.getpid()}"
@@ -152,14 +156,17 @@ def build_report(study_dir: str | Path, tracking_uri: str | None = None,
         flat = [*all_t[0], all_t[1], *all_t[2], *all_t[3:]]
         table_files = _write_tables(tmp, flat)
         say("report: drawing figures")
-        figs = _figures(table, summary, tmp / "figures")
+        figs = _figures(m_table, m_summary, tmp / "figures")
         fig_paths = {k: v for k, v in figs.items() if k != "_marks"}
         findings = headline.dataset_findings(summary, info)
         (tmp / "findings.md").write_text(headline.findings_markdown(findings))
-        sections = _sections(table, info, fig_paths, all_t, figs["_marks"], findings, summary)
+        sections = _sections(m_table, info, fig_paths, all_t, figs["_marks"], findings,
+                             m_summary)
         subtitle = (f"{len(table)} trials · {table['dataset'].nunique()} dataset(s) · "
                     f"{len(methods)} method(s) · depths {sorted(table['depth'].unique().tolist())}"
-                    f" · built {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from the "
+                    + (f" · {len(table) - len(m_table)} baseline row(s)"
+                       if len(table) > len(m_table) else "")
+                    + f" · built {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from the "
                     "trials table")
         (tmp / "report.html").write_text(page.render(f"malloc-ray study: {info['name']}",
                                                      subtitle, sections))
@@ -168,7 +175,7 @@ def build_report(study_dir: str | Path, tracking_uri: str | None = None,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rel = lambda p: final / p.relative_to(tmp)  # noqa: E731 - paths after the swap
-    run_id = _log_to_mlflow(final, info, study_dir, tracking_uri, say, summary, [
+    run_id = _log_to_mlflow(final, info, study_dir, tracking_uri, say, m_summary, [
         rel(fig_paths[k]) for k in ("fig4_gauc_macs", "pareto_gauc_bytes")]) \
         if log_to_mlflow else None
     report = Report(final, final / "report.html", [rel(p) for p in fig_paths.values()],

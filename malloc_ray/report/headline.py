@@ -4,6 +4,9 @@ Each sentence carries its uncertainty (paired ΔGAUC vs Native ± 95% half-width
 its verdict; differences inside the noise are said to be "≈ Native". A dataset where Native did
 not learn opens with a banner instead: the study measured no method on it. The label-stream
 audit of the dataset is quoted so a reader sees at once whether its AUCs can be trusted.
+A study that ran baselines (its spec's `baselines`) gets one more sentence per dataset (and
+Native depth): Native's test AUC with its 95% interval against each baseline's test AUC, and
+whether that interval lies entirely above it.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import html
 import pandas as pd
 
 from malloc_ray.study import provenance, stats
-from malloc_ray.study.pareto import native_learned
+from malloc_ray.study.pareto import is_baseline, native_learned
 
 
 def _method_phrase(row) -> str:
@@ -34,7 +37,7 @@ def _depth_sentence(part: pd.DataFrame, depth) -> str:
     nat = native.iloc[0]
     lead = (f"Depth {depth}: Native test GAUC "
             f"{stats.fmt_interval(nat['gauc'], nat['gauc_ci95'], nat['n_ok'])}")
-    others = part[(part["method"] != stats.NATIVE)]
+    others = part[(part["method"] != stats.NATIVE) & ~is_baseline(part)]
     learned = others[others["n_ok"] > 0]
     # findings first: a reader skimming the line sees the verdicts that are not "≈"
     order = learned.assign(_k=learned["verdict_vs_native"].map(
@@ -45,6 +48,40 @@ def _depth_sentence(part: pd.DataFrame, depth) -> str:
         phrases.append("no ok seed (not compared): " + ", ".join(
             f"{r['label']} ({r['failed_statuses']})" for _, r in failed.iterrows()))
     return lead + (". " + "; ".join(phrases) if phrases else "") + "."
+
+
+def _baseline_phrase(nat, base) -> str:
+    auc, half = nat["auc"], nat["auc_ci95"]
+    ref = base["auc"]
+    if base["n_ok"] == 0 or ref != ref:
+        return f"{base['label']} did not run ({base['failed_statuses'] or 'no result'})"
+    if half != half:
+        where = "above" if auc > ref else "not above"
+        return (f"{base['label']} {ref:.4f} (Native {where} it, but with no interval: "
+                "not established)")
+    if auc - half > ref:
+        where = "Native's CI entirely above it"
+    elif auc + half < ref:
+        where = "Native's CI entirely below it"
+    else:
+        where = "Native's CI not entirely above it (overlaps)"
+    return f"{base['label']} {ref:.4f} ({where})"
+
+
+def _baseline_sentences(part: pd.DataFrame) -> list[str]:
+    """Per Native depth: Native's test AUC ± 95% CI vs each baseline's test AUC."""
+    baselines = part[is_baseline(part)].sort_values("label")
+    native = part[(part["method"] == stats.NATIVE) & (part["n_ok"] > 0)]
+    if baselines.empty or native.empty:
+        return []
+    several = native["depth"].nunique() > 1
+    out = []
+    for _, nat in native.sort_values("depth").iterrows():
+        at = f" at depth {nat['depth']}" if several else ""
+        out.append(f"Baselines (test AUC): Native{at} "
+                   f"{stats.fmt_interval(nat['auc'], nat['auc_ci95'], nat['n_ok'])} vs "
+                   + "; ".join(_baseline_phrase(nat, b) for _, b in baselines.iterrows()) + ".")
+    return out
 
 
 def dataset_findings(summary: pd.DataFrame, info: dict) -> list[dict]:
@@ -59,8 +96,11 @@ def dataset_findings(summary: pd.DataFrame, info: dict) -> list[dict]:
         banner = None if learned[ds] else (
             f"Native did not learn on {ds} (no seed reached the no-learning margin above "
             f"AUC 0.5): the study measured no method on this dataset, and no Δ is shown.")
+        methods = part[~is_baseline(part)]
         sentences = [] if banner else [_depth_sentence(p, depth)
-                                       for depth, p in part.groupby("depth", sort=True)]
+                                       for depth, p in methods.groupby("depth", sort=True)]
+        if not banner:
+            sentences += _baseline_sentences(part)
         out.append({"dataset": ds, "learned": learned[ds], "banner": banner,
                     "sentences": sentences, "label_stream_auc": audit,
                     "evaluation": evaluation})

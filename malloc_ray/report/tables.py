@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from malloc_ray.study import provenance, stats
-from malloc_ray.study.pareto import FRONTS, native_learned
+from malloc_ray.study.pareto import FRONTS, is_baseline, native_learned
 
 STATUSES = ("ok", "diverged", "no_learning", "oom", "error")
 NATIVE = "native"
@@ -106,6 +106,10 @@ TABLE2_NOTE = ("Test metrics at the best-valid-AUC epoch over the seeds with sta
                "ΔGAUC vs native is paired by seed (same dataset, depth and seed), with its own "
                "95% interval; better / worse only when that interval excludes 0, else ≈. Bold: "
                "best in its column, only when its interval does not overlap the runner-up's.")
+BASELINE_NOTE = ("Baselines (the study's `baselines`: popularity, cooc, din, bst; "
+                 "docs/baselines.md) are scored once per dataset on the same test samples; they "
+                 "have no depth, so they are listed at every depth, below the methods, and are "
+                 "never bold and never compared with Native as a method.")
 
 
 def _fmt_ci(mean, half_width) -> str:
@@ -117,6 +121,8 @@ def _fmt_ci(mean, half_width) -> str:
 def _fmt_delta(row) -> str:
     if row["method"] == NATIVE:
         return "reference"
+    if row.get("category") == "baseline":
+        return "baseline"
     d, h = row["delta_gauc_vs_native"], row["delta_gauc_vs_native_ci95"]
     if pd.isna(d):
         return "n/a"
@@ -128,11 +134,16 @@ def _fmt_delta(row) -> str:
 def table2(summary: pd.DataFrame) -> list[Table]:
     """One table per depth: rows = methods, per dataset AUC, GAUC, Logloss (mean ± 95% CI over
     ok seeds), the seed count, and GAUC minus Native's paired by seed with its verdict — left
-    out for a dataset where Native did not learn."""
+    out for a dataset where Native did not learn. Baseline rows (no depth) follow the methods
+    in every depth's table, never bold and without a ΔGAUC."""
     learned = native_learned(summary)
+    baselines = summary[is_baseline(summary)]
+    names = sorted(baselines["label"].unique())
     out = []
-    for depth, part in summary.groupby("depth", sort=True):
-        methods = sorted(part["label"].unique(), key=lambda m: (m != NATIVE, m))
+    for depth, part in summary[~is_baseline(summary)].groupby("depth", sort=True):
+        part = pd.concat([part, baselines.assign(depth=depth)], ignore_index=True)
+        methods = sorted(set(part["label"]) - set(names), key=lambda m: (m != NATIVE, m)) + names
+        ref = np.isin(methods, names)
         display = pd.DataFrame({"method": methods})
         raw = pd.DataFrame({"method": methods})
         bold = pd.DataFrame(False, index=range(len(methods)), columns=["method"])
@@ -143,7 +154,8 @@ def table2(summary: pd.DataFrame) -> list[Table]:
                 means, cis = rows[metric].to_numpy(float), rows[f"{metric}_ci95"].to_numpy(float)
                 display[col] = [_fmt_ci(m, h) for m, h in zip(means, cis)]
                 raw[col], raw[col + " ci95"] = means, cis
-                bold[col] = stats.separated_best(means, cis, best == "max")
+                bold[col] = stats.separated_best(np.where(ref, np.nan, means), cis,
+                                                 best == "max")
             display[f"{ds} seeds ok"] = [
                 "–" if pd.isna(r["n_seeds"]) else f"{int(r['n_ok'])}/{int(r['n_seeds'])}"
                 + ("" if not r["n_failed"] else f" ({r['failed_statuses']})")
@@ -155,7 +167,8 @@ def table2(summary: pd.DataFrame) -> list[Table]:
                 raw[col + " ci95"] = rows["delta_gauc_vs_native_ci95"].to_numpy(float)
                 raw[f"{ds} verdict vs native"] = rows["verdict_vs_native"].to_numpy()
         out.append(Table(f"table2_depth{depth}", f"Table 2 analog — accuracy at depth {depth}",
-                         display, raw, bold, note=TABLE2_NOTE))
+                         display, raw, bold,
+                         note=TABLE2_NOTE + (" " + BASELINE_NOTE if names else "")))
     return out
 
 

@@ -5,6 +5,10 @@ A point is one (dataset, method, hyperparameters, depth) cell averaged over its 
 (diverged, no_learning, oom, error) are counted in `n_failed` and never averaged in; a point
 with no `ok` seed has no coordinates, so it is kept in the summary (listed, `on_front` False)
 but cannot be on a front.
+
+Baseline rows (category `baseline`: popularity, cooc, ... run by a study's `baselines`) are
+summarized like any point, for the accuracy table, but are never on a front and never get a
+ΔGAUC or verdict vs Native: they are reference scores, not memory methods.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import pandas as pd
 from malloc_ray.study import stats
 
 KEYS = ["dataset", "method", "depth"]
+BASELINE = "baseline"  # the category of a baseline row
 METRICS = ["auc", "gauc", "logloss"]
 COSTS = ["macs_per_request", "kv_bytes_per_user", "kv_payload_bytes_per_user"]
 
@@ -49,6 +54,13 @@ def non_dominated(values: np.ndarray, senses: list[str]) -> np.ndarray:
     ge = (v[None, :, :] >= v[:, None, :]).all(axis=2)  # ge[i, j]: j at least as good as i
     gt = (v[None, :, :] > v[:, None, :]).any(axis=2)   # gt[i, j]: j strictly better somewhere
     return ~(ge & gt).any(axis=1)
+
+
+def is_baseline(frame: pd.DataFrame) -> pd.Series:
+    """Mask of the baseline rows of a trials table or summary."""
+    if "category" not in frame:
+        return pd.Series(False, index=frame.index)
+    return frame["category"] == BASELINE
 
 
 def _label(method: str, hparams: str, variants: int) -> str:
@@ -96,10 +108,12 @@ def _with_deltas(summary: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
     summary = summary.merge(deltas, on=["dataset", "method", "hparams", "depth"], how="left")
     summary["n_pairs_vs_native"] = summary["n_pairs_vs_native"].fillna(0).astype(int)
     is_native = summary["method"] == stats.NATIVE
-    summary.loc[is_native, ["delta_gauc_vs_native", "delta_gauc_vs_native_ci95"]] = np.nan
+    no_delta = is_native | is_baseline(summary)  # baselines are references, not compared
+    summary.loc[no_delta, ["delta_gauc_vs_native", "delta_gauc_vs_native_ci95"]] = np.nan
+    summary.loc[is_baseline(summary), "n_pairs_vs_native"] = 0
     summary["verdict_vs_native"] = [
-        "n/a" if native else stats.verdict(d, h)
-        for native, d, h in zip(is_native, summary["delta_gauc_vs_native"],
+        "n/a" if skip else stats.verdict(d, h)
+        for skip, d, h in zip(no_delta, summary["delta_gauc_vs_native"],
                                 summary["delta_gauc_vs_native_ci95"])]
     return summary
 
@@ -116,7 +130,8 @@ def pareto_table(table: pd.DataFrame, per_depth: bool = False) -> pd.DataFrame:
     """The summary with one boolean column `front_<name>` per entry of FRONTS.
 
     Fronts are computed within each dataset (over every method × depth point), or within each
-    (dataset, depth) with `per_depth`. Points without an `ok` seed are never on a front.
+    (dataset, depth) with `per_depth`. Points without an `ok` seed, and baselines, are never
+    on a front.
     """
     summary = summarize(table)
     for name in FRONTS:
@@ -125,7 +140,8 @@ def pareto_table(table: pd.DataFrame, per_depth: bool = False) -> pd.DataFrame:
     for _, part in summary.groupby(groups, sort=False):
         for name, objectives in FRONTS.items():
             cols = [c for c, _ in objectives]
-            usable = part[part[cols].notna().all(axis=1) & (part["n_ok"] > 0)]
+            usable = part[part[cols].notna().all(axis=1) & (part["n_ok"] > 0)
+                          & ~is_baseline(part)]
             if usable.empty:
                 continue
             mask = non_dominated(usable[cols].to_numpy(), [s for _, s in objectives])

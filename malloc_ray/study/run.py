@@ -3,6 +3,7 @@
     spec -> prepare datasets -> cells (trial id = config hash) -> skip finished cells
          -> phase 1: trained methods (Native saves its weights)
          -> phase 2: post-hoc methods on the Native weights of the same (dataset, depth, seed)
+         -> baselines: the spec's `baselines`, once per dataset, in the driver (no Tune trial)
          -> trials.parquet
 
 Resume is the same call: a cell is finished when its result file exists, so a re-run (or
@@ -21,18 +22,19 @@ from pathlib import Path
 import pandas as pd
 
 from malloc_ray import smoke
-from malloc_ray.config import TrialConfig, config_hash
+from malloc_ray.config import TrialConfig, baseline_hash, config_hash
 from malloc_ray.data.prepare import prepare, read_meta
 from malloc_ray.methods import get_method
 from malloc_ray.study import provenance
 from malloc_ray.study import results as results_mod
+from malloc_ray.study.pareto import BASELINE  # a baseline row's category and workflow
 from malloc_ray.study.resources import estimate_peak_bytes, trial_resources
 from malloc_ray.study.spec import (DISTRIBUTIONS, Cell, StudySpec, check_files, dataset_dir,
                                    expand_cells, smoke_spec)
 from malloc_ray.study.trainable import checkpoint_path, reconcile_study
 from malloc_ray.study.storage import check_cluster_storage, tune_storage_path
-from malloc_ray.study.tracking import (check_study_store, finish_study_run, resolve_tracking_uri,
-                                       start_study_run)
+from malloc_ray.study.tracking import (ChildRun, check_study_store, finish_study_run,
+                                       resolve_tracking_uri, run_name, start_study_run)
 
 
 
@@ -207,6 +209,94 @@ def run_phase(name: str, spec: StudySpec, records: list[dict], study, samples) -
     tuner.fit()
 
 
+# -- baselines ---------------------------------------------------------------------------------
+NAN = float("nan")
+COST_FIELDS = ("kv_bytes_per_user", "kv_payload_bytes_per_user", "macs_per_request",
+               "macs_prefill", "peak_memory_bytes", "estimated_memory_bytes",
+               "samples_per_second")
+
+
+def baseline_records(spec: StudySpec, cells: list[Cell], smoke_test: bool = False
+                     ) -> list[dict]:
+    """One record per (dataset, baseline of the spec). A baseline is scored with the trial's
+    history window (`max_len`) of the dataset's first cell at its smallest depth; its `depth`
+    is that smallest depth (the report shows baseline rows at every depth: they have none).
+    din and bst also take the trial's batch_size and d_model (as their embedding width)."""
+    from malloc_ray.train.baselines import PEERS
+
+    out = []
+    for ds in spec.datasets:
+        mine = [c for c in cells if c.dataset == ds.name]
+        if not mine or not spec.baselines:
+            continue
+        cfg = min(mine, key=lambda c: (c.config.depth, c.config.seed)).config
+        meta = read_meta(cfg.dataset)
+        for name in spec.baselines:
+            options = ({"batch_size": cfg.batch_size, "embed_dim": cfg.d_model,
+                        "smoke_test": smoke_test} if name in PEERS else {})
+            trial_id = baseline_hash(name, meta["dataset_id"], cfg.max_len, **options)
+            out.append({"trial_id": trial_id, "dataset": ds.name,
+                        "dataset_id": meta["dataset_id"],
+                        "label_stream_auc": provenance.label_stream_auc(meta["stats"]),
+                        "baseline": name, "depth": cfg.depth, "workflow": BASELINE,
+                        "config": {"baseline": name, "dataset": cfg.dataset,
+                                   "max_len": cfg.max_len, **options},
+                        "name": f"{ds.name}-{name}-{trial_id[:6]}"})
+    return out
+
+
+def run_baseline_cell(rec: dict, study, study_dir: Path) -> dict:
+    """Score one baseline on test (and valid: `valid_auc`) as `malloc-ray baseline NAME
+    --split test` does, and write its result file (the cell is finished) and child run."""
+    from malloc_ray.data.loader import load_dataset
+    from malloc_ray.study.provenance import fmt_label_stream_auc
+    from malloc_ray.study.trainable import read_result, result_path, write_result
+    from malloc_ray.train.baselines import PEERS, run_baseline
+
+    name, cfg = rec["baseline"], rec["config"]
+    tags = {"method": name, "category": BASELINE, "workflow": BASELINE, "depth": rec["depth"],
+            "seed": 0, "dataset_id": rec["dataset_id"], "config_hash": rec["trial_id"],
+            "status": "running", "dataset": rec["dataset"]}
+    previous = read_result(result_path(study_dir, rec["trial_id"]))
+    child = ChildRun(study, name=run_name(name, rec["depth"], 0), tags=tags, config=cfg,
+                     params={"label_stream_auc": fmt_label_stream_auc(rec["label_stream_auc"])},
+                     keep=(previous or {}).get("mlflow_run_id"),
+                     dataset=(rec["dataset"], cfg["dataset"]), study_dir=str(study_dir),
+                     system_metrics=False)
+    start = time.time()
+    options = {k: v for k, v in cfg.items() if k not in ("baseline", "dataset", "max_len")}
+    try:
+        ds = load_dataset(cfg["dataset"])
+        test = run_baseline(name, ds, "test", max_len=cfg["max_len"], seed=0, **options)
+        valid_auc = (test.get("best_valid_auc") if name in PEERS else
+                     run_baseline(name, ds, "valid", max_len=cfg["max_len"])["auc"])
+        result = {"status": "ok", "auc": test["auc"], "gauc": test["gauc"],
+                  "logloss": NAN if test.get("logloss") is None else test["logloss"],
+                  "valid_auc": NAN if valid_auc is None else valid_auc, "n": test["n"],
+                  "train_seconds": test.get("train_seconds", NAN)}
+    except Exception as exc:  # noqa: BLE001 - a failing baseline is a row, as a trial is
+        result = {"status": "error", "reason": repr(exc)[:2000], "auc": NAN, "gauc": NAN,
+                  "logloss": NAN}
+    result.update({"trial_id": rec["trial_id"], "dataset": rec["dataset"],
+                   "dataset_id": rec["dataset_id"], "method": name, "category": BASELINE,
+                   "workflow": BASELINE, "depth": rec["depth"], "seed": 0, "config": cfg,
+                   "hparams": {}, "history": [], "mlflow_run_id": child.run_id,
+                   "started_at": start, "finished_at": time.time(),
+                   **{k: NAN for k in COST_FIELDS}, "gpu_fraction": 0.0})
+    write_result(result_path(study_dir, rec["trial_id"]), result)  # the cell is finished
+    child.finish(result)
+    child.drop_others()
+    return result
+
+
+def run_baselines(records: list[dict], study, study_dir: Path) -> None:
+    if records:
+        log(f"baselines: {len(records)} cells, in the driver")
+    for rec in records:
+        result = run_baseline_cell(rec, study, study_dir)
+        log(f"baseline {rec['name']}: {result['status']}, test AUC {result['auc']:.4f}")
+
+
 # -- Optuna search ----------------------------------------------------------------------------
 def search_space(spec: StudySpec, methods: list[str]) -> dict:
     """Tune search space: method and depth as choices, plus the spec's `search.space`
@@ -327,12 +417,16 @@ def run_study(spec: StudySpec, smoke_test: bool = False, retry_failed: bool = Fa
     cells = expand_cells(spec, dirs, smoke_test)
     init_ray()
     records = cell_records(spec, cells, cuda_device_bytes())
+    baselines = baseline_records(spec, cells, smoke_test)
     finished = results_mod.finished_results(study_dir)
     if retry_failed:
         finished = {k: v for k, v in finished.items() if v["status"] == "ok"}
     todo = [r for r in records if r["trial_id"] not in finished]
-    log(f"study {spec.name}: {len(records)} cells, {len(records) - len(todo)} already finished, "
-        f"{len(todo)} to run; MLflow: {tracking_uri}")
+    baselines_todo = [r for r in baselines if r["trial_id"] not in finished]
+    records = records + baselines  # the trials table's rows, in this order
+    left = len(todo) + len(baselines_todo)
+    log(f"study {spec.name}: {len(records)} cells, {len(records) - left} already finished, "
+        f"{left} to run; MLflow: {tracking_uri}")
     study = start_study_run(tracking_uri, spec.name, study_dir, params=study_params(spec, dirs),
                             datasets=dirs)
     provenance.write(study_dir, provenance.collect(spec, dirs, tracking_uri, study, smoke_test))
@@ -343,6 +437,7 @@ def run_study(spec: StudySpec, smoke_test: bool = False, retry_failed: bool = Fa
         run_phase("trained", spec, [r for r in todo if r["workflow"] == "trained"], study, samples)
         run_phase("post-hoc", spec, [r for r in todo if r["workflow"] == "post-hoc"], study,
                   samples)
+        run_baselines(baselines_todo, study, study_dir)
         status = "FINISHED"
     finally:
         finish_study_run(study, status)

@@ -11,6 +11,7 @@ name the key. Example (experiments/quickstart.yaml):
     seeds: [0, 1]
     trial: {d_model: 32, max_len: 64, epochs: 3}
     hparams: {gqa: {kv_heads: 2}}
+    baselines: [popularity, cooc]   # one row per dataset each (train/baselines.py BASELINES)
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ class StudySpec:
     trial: dict[str, Any] = field(default_factory=dict)
     hparams: dict[str, dict] = field(default_factory=dict)
     overrides: list[dict] = field(default_factory=list)  # [{match: {...}, set: {...}}]
+    # reference scores run once per dataset in the driver (train/baselines.py BASELINES)
+    baselines: list[str] = field(default_factory=list)
     search: SearchSpec = field(default_factory=SearchSpec)
     resources: ResourceSpec = field(default_factory=ResourceSpec)
     output_dir: str = "runs"
@@ -91,7 +94,7 @@ class StudySpec:
     # the user's word that output_dir (and a local storage_path) is one mount on every node
     shared_storage: bool = False
     mlflow_tracking_uri: str | None = None
-    # what --smoke-test runs instead: {datasets, methods, depths, seeds, trial} (smoke_spec)
+    # what --smoke-test runs instead: {datasets, methods, depths, seeds, baselines, trial}
     smoke: dict = field(default_factory=dict)
     source_file: str | None = None
 
@@ -148,8 +151,8 @@ def _parse_datasets(raw: Any, where: str, file: str | None) -> list[DatasetSpec]
 
 def _parse_smoke(raw: Any, dataset_names: set[str], file: str | None) -> dict:
     """The spec's `smoke:` section: what --smoke-test runs instead (see smoke_spec)."""
-    section = dict(_check_keys(raw, {"datasets", "methods", "depths", "seeds", "trial"}, "smoke",
-                                 file))
+    section = dict(_check_keys(raw, {"datasets", "methods", "depths", "seeds", "baselines",
+                                      "trial"}, "smoke", file))
     if "datasets" in section:
         section["datasets"] = _parse_datasets(section["datasets"], "smoke.datasets", file)
         for ds in section["datasets"]:
@@ -161,13 +164,16 @@ def _parse_smoke(raw: Any, dataset_names: set[str], file: str | None) -> dict:
     for key in ("methods", "depths", "seeds"):
         if key in section and (not isinstance(section[key], list) or not section[key]):
             raise InputError("must be a non-empty list", file=file, key=f"smoke.{key}")
+    if "baselines" in section:  # may be empty: a smoke test without the baselines
+        _check_baselines(section["baselines"], file, "smoke.baselines")
     return section
 
 
 def smoke_spec(spec: StudySpec) -> StudySpec:
     """The spec --smoke-test runs: its `smoke:` section's datasets replace those of the same
-    key (e.g. small synthetic stand-ins for data CI does not have), its methods, depths and
-    seeds replace the grid's, and its `trial` keys update the spec's (e.g. device: cpu).
+    key (e.g. small synthetic stand-ins for data CI does not have), its methods, depths,
+    seeds and baselines replace the spec's (baselines: the spec's unless the section names
+    them), and its `trial` keys update the spec's (e.g. device: cpu).
     Without a section, the spec itself."""
     section = spec.smoke
     if not section:
@@ -179,6 +185,7 @@ def smoke_spec(spec: StudySpec) -> StudySpec:
         hparams={m: hp for m, hp in spec.hparams.items() if m in methods},
         depths=section.get("depths", spec.depths),
         seeds=section.get("seeds", spec.seeds), trial={**spec.trial, **section.get("trial", {})},
+        baselines=section.get("baselines", spec.baselines),
         smoke={})
     _validate(out, spec.source_file)
     return out
@@ -212,6 +219,8 @@ _FIELDS = (
      "a mapping of method -> {hyperparameter: value}"),
     ("overrides", lambda v: isinstance(v, list) and all(map(_mapping, v)),
      "a list of {match: ..., set: ...} rules"),
+    ("baselines", lambda v: isinstance(v, list) and all(isinstance(b, str) for b in v),
+     "a list of baseline names"),
     ("output_dir", lambda v: isinstance(v, str) and bool(v), "a directory path"),
     ("storage_path", lambda v: v is None or isinstance(v, str), "a path or a URI string"),
     ("shared_storage", lambda v: isinstance(v, bool), "true or false"),
@@ -249,6 +258,11 @@ def _validate(spec: StudySpec, file: str | None) -> None:
     _check_keys(spec.trial, trial_keys, "trial", file)
     for name in spec.methods:
         _at("methods", file, lambda: get_method(name), sub=False)
+    _check_baselines(spec.baselines, file)
+    if spec.baselines and spec.search.mode != "grid":
+        raise InputError("baselines run in grid studies only (an Optuna search would count "
+                         "their rows against its budget); run them in a grid study",
+                         file=file, key="baselines")
     for name, hp in spec.hparams.items():
         if name not in spec.methods:
             raise InputError("hyperparameters for a method the study does not run", file=file,
@@ -263,6 +277,25 @@ def _validate(spec: StudySpec, file: str | None) -> None:
         if ds.prepare:
             _at(f"datasets.{ds.name}.prepare", file, lambda: check_recipe(ds.prepare))
     _check_cells(spec, file)
+
+
+def _check_baselines(names: Any, file: str | None, key: str = "baselines") -> None:
+    """Known baseline names, each once; din and bst need the optional extra [peers], so a
+    spec that lists them without it fails now, not after the grid has run."""
+    from malloc_ray.train.baselines import BASELINES, PEERS
+
+    if not isinstance(names, list) or not all(isinstance(b, str) for b in names):
+        raise InputError(f"must be a list of baseline names, got {names!r}", file=file, key=key)
+    for name in names:
+        if name not in BASELINES:
+            raise InputError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}",
+                             file=file, key=key)
+        if names.count(name) > 1:
+            raise InputError(f"baseline {name!r} is listed twice", file=file, key=key)
+        if name in PEERS:
+            from malloc_ray.train.peers import import_rechub
+
+            _at(key, file, lambda: import_rechub(name), sub=False)
 
 
 def _check_space(space: dict, keys: set[str], file: str | None) -> None:
