@@ -97,7 +97,7 @@ def assert_one_finished_child_per_cell(study_dir: Path, experiment: str = "h") -
         run = runs[0]
         assert run.info.status == "FINISHED" and run.info.run_id == row["mlflow_run_id"]
         assert run.data.tags["status"] == row["status"]
-        assert run.data.metrics["auc"] == pytest.approx(row["auc"])
+        assert run.data.metrics["test_auc"] == pytest.approx(row["auc"])
     client = MlflowClient(f"sqlite:///{study_dir / 'mlflow.db'}")
     exp = client.get_experiment_by_name(experiment)
     parents = client.search_runs([exp.experiment_id], filter_string="tags.`malloc.role` = 'study'")
@@ -246,7 +246,7 @@ def test_reconcile_repairs_duplicates_deleted_and_lost_runs(tmp_path, in_process
     new_id = json.loads(path.read_text())["mlflow_run_id"]
     [run] = children_by_cell(study_dir)[wo_mem]
     assert run.info.run_id == new_id and run.data.tags["status"] == "diverged"
-    assert run.data.metrics["logloss"] == pytest.approx(result["logloss"])
+    assert run.data.metrics["test_logloss"] == pytest.approx(result["logloss"])
     assert reconcile_study(study, study_dir, say=lambda _: None) == {
         "finished": 0, "deleted": 0, "restored": 0, "recreated": 0}
 

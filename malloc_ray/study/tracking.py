@@ -360,6 +360,9 @@ def start_system_metrics(run_id: str, tracking_uri: str):
     """Start sampling system metrics into the run; None where MLflow cannot (no psutil)."""
     import logging
 
+    # MLflow announces every monitor it starts (and that it skips GPUs) at INFO on stderr:
+    # per trial that is noise in the CLI's output, which keeps stderr for errors and progress.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     try:
         monitor = _trial_monitor_class()(run_id, tracking_uri)
     except Exception as exc:  # noqa: BLE001 - a trial runs without them, saying so
