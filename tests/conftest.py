@@ -22,3 +22,15 @@ def _no_exported_mlflow_uri(monkeypatch):
     would redirect the studies (and their subprocesses) of every later test. Removed before
     each test and restored to absent after it."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for a module's in-process studies (they run as the CLI would); shut down
+    after the module if the module started it."""
+    import ray
+
+    started = not ray.is_initialized()
+    yield
+    if started and ray.is_initialized():
+        ray.shutdown()

@@ -63,3 +63,17 @@ def assert_candidates_independent(model, memory, users: int) -> None:
     torch.testing.assert_close(several, alone, rtol=0, atol=1e-6)
     torch.testing.assert_close(model.score(memory, cands.flip(1)), several.flip(1),
                                rtol=0, atol=1e-6)
+
+
+def assert_appends_match_forward(model, batch, deltas=(1, 3)):
+    """Serving oracle: prefill all but the last 1 + delta interactions, append delta of them,
+    score the target; the appended items' logits and the target's equal the training forward."""
+    full = model.logits(batch).detach()
+    for delta in deltas:
+        memory = model.prefill(*history(batch, drop=1 + delta))
+        new = slice(-1 - delta, -1)
+        memory, appended = model.append(memory, batch["items"][:, new], batch["labels"][:, new])
+        torch.testing.assert_close(appended, full[:, new], rtol=0, atol=1e-5)
+        target = model.score(memory, batch["items"][:, -1:])[:, 0]
+        torch.testing.assert_close(target, full[:, -1], rtol=0, atol=1e-5)
+    return full

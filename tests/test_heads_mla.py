@@ -11,7 +11,8 @@ from malloc_ray.methods import get_method
 from malloc_ray.methods.mla import MLA
 from malloc_ray.metrics.cost import measure_user_bytes
 from malloc_ray.model.hstu import (merge_heads, pointwise_attention, split_heads, visibility)
-from model_fixtures import history, random_batch, tiny_config, tiny_model
+from model_fixtures import (assert_appends_match_forward, history, random_batch, tiny_config,
+                            tiny_model)
 
 LENGTHS = [19, 7, 12, 19, 4]
 H, DH = 4, 8  # tiny_config: d = 32, 4 heads of 8
@@ -99,13 +100,7 @@ def test_cached_equals_recompute_with_appends(method, hparams):
     batch = random_batch(LENGTHS, seed=5)
     full = model.logits(batch).detach()
     torch.testing.assert_close(serve(model, batch), full[:, -1], rtol=0, atol=1e-5)
-    for delta in (1, 3):
-        memory = model.prefill(*history(batch, drop=1 + delta))
-        new = slice(-1 - delta, -1)
-        memory, appended = model.append(memory, batch["items"][:, new], batch["labels"][:, new])
-        torch.testing.assert_close(appended, full[:, new], rtol=0, atol=1e-5)
-        target = model.score(memory, batch["items"][:, -1:])[:, 0]
-        torch.testing.assert_close(target, full[:, -1], rtol=0, atol=1e-5)
+    assert_appends_match_forward(model, batch, (1, 3))
 
 
 @pytest.mark.parametrize("method,setting", [

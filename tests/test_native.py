@@ -6,7 +6,7 @@ contract tests check that for every lossless method (tests/test_method_contract.
 
 import torch
 
-from model_fixtures import history, random_batch, tiny_model
+from model_fixtures import assert_appends_match_forward, history, random_batch, tiny_model
 
 LENGTHS = [23, 9, 5, 17, 23, 12]  # random-ish lengths -> left padding inside one batch
 
@@ -14,14 +14,7 @@ LENGTHS = [23, 9, 5, 17, 23, 12]  # random-ish lengths -> left padding inside on
 def test_prefill_plus_appended_interactions_equals_full_forward():
     model = tiny_model("native")
     batch = random_batch(LENGTHS, seed=2)
-    full = model.logits(batch).detach()
-    for delta in (1, 3):
-        memory = model.prefill(*history(batch, drop=1 + delta))
-        new = slice(-1 - delta, -1)
-        memory, appended = model.append(memory, batch["items"][:, new], batch["labels"][:, new])
-        torch.testing.assert_close(appended, full[:, new], rtol=0, atol=1e-5)
-        target = model.score(memory, batch["items"][:, -1:])[:, 0]
-        torch.testing.assert_close(target, full[:, -1], rtol=0, atol=1e-5)
+    assert_appends_match_forward(model, batch, (1, 3))
 
 
 def test_candidate_order_does_not_change_any_score():

@@ -82,17 +82,6 @@ def test_smoke_section_is_validated_and_applied():
 
 # ---------------------------------------------------------------- smoke studies (local Ray)
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray for the studies below (they run in this process, as the CLI would)."""
-    import ray
-
-    started = not ray.is_initialized()
-    yield
-    if started and ray.is_initialized():
-        ray.shutdown()
-
-
 # A smoke run checks the pipeline, not learning: a tiny model may end `no_learning`, which is a
 # result like `ok` (anything else is a failure of the pipeline).
 RAN = ("ok", "no_learning")

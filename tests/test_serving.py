@@ -14,7 +14,7 @@ import malloc_ray.model
 from malloc_ray.methods import get_method
 from malloc_ray.model.ctr import CTRModel
 from malloc_ray.model.serving import CachedServing, RecomputeServing
-from model_fixtures import history, one_thread, random_batch, tiny_config, tiny_model  # noqa: F401
+from model_fixtures import assert_appends_match_forward, random_batch, tiny_config, tiny_model
 
 LENGTHS = [21, 8, 5, 14, 21]  # left padding inside one batch
 MODEL_DIR = Path(malloc_ray.model.__file__).parent
@@ -53,13 +53,6 @@ def test_serving_equals_training_forward(method):
     model = tiny_model(method, layers=2)
     assert model.method is get_method(method)
     batch = random_batch(LENGTHS, seed=7)
-    full = model.logits(batch).detach()
-    for delta in (1, 2):
-        memory = model.prefill(*history(batch, drop=1 + delta))
-        new = slice(-1 - delta, -1)
-        memory, appended = model.append(memory, batch["items"][:, new], batch["labels"][:, new])
-        torch.testing.assert_close(appended, full[:, new], rtol=0, atol=1e-5)
-        target = model.score(memory, batch["items"][:, -1:])[:, 0]
-        torch.testing.assert_close(target, full[:, -1], rtol=0, atol=1e-5)
+    full = assert_appends_match_forward(model, batch, (1, 2))
     torch.testing.assert_close(model.predict(batch), torch.sigmoid(full[:, -1]),
                                rtol=0, atol=1e-6)

@@ -58,17 +58,6 @@ def test_a_peer_baseline_without_the_extra_fails_at_spec_check(monkeypatch):
 
 # ---------------------------------------------------------------- a tiny study (local Ray)
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray for the study below (it runs in this process, as the CLI would)."""
-    import ray
-
-    started = not ray.is_initialized()
-    yield
-    if started and ray.is_initialized():
-        ray.shutdown()
-
-
 @pytest.mark.slow
 def test_a_study_with_baselines_has_their_rows_and_reports_them(tmp_path, capsys, local_ray):
     from malloc_ray.data.loader import load_dataset
