@@ -45,21 +45,11 @@ def train_item_counts(ds: Dataset) -> np.ndarray:
     return np.bincount(ds.items[_train_mask(ds)], minlength=ds.meta["vocab_size"])
 
 
-def _ranks(scores: np.ndarray) -> np.ndarray:
-    """Scores -> their dense rank in (0, 1]: the same order and ties, so the same AUC and GAUC,
-    for metric code that reads scores as probabilities (torchmetrics passes scores outside
-    [0, 1] through a sigmoid, which would tie every count above ~17 in float32)."""
-    if not len(scores):
-        return scores.astype(np.float64)
-    _, dense = np.unique(scores, return_inverse=True)
-    return (dense.reshape(-1) + 1) / (int(dense.max()) + 1)
-
-
 def popularity_baseline(ds: Dataset, split: str = "test") -> dict[str, float]:
     """Score every target by its item's training popularity; AUC and GAUC on `split`."""
     rows = select_samples(ds, split, max_len=2)
     items, labels = ds.targets(rows)
-    scores = _ranks(train_item_counts(ds)[items].astype(np.float64))
+    scores = train_item_counts(ds)[items].astype(np.float64)
     return {"auc": auc(labels, scores), "gauc": gauc(labels, scores, rows["user"].to_numpy()),
             "n": int(len(rows))}
 
@@ -149,7 +139,7 @@ def cooc_baseline(ds: Dataset, split: str = "test", max_len: int | None = None) 
     fitted = fit_cooc(ds, window=max(max_len - 1, 1))
     seconds = time.perf_counter() - t0
     _, labels = ds.targets(rows)
-    scores = _ranks(cooc_scores(ds, rows, fitted))
+    scores = cooc_scores(ds, rows, fitted)
     return {"auc": auc(labels, scores), "gauc": gauc(labels, scores, rows["user"].to_numpy()),
             "n": int(len(rows)), "train_seconds": seconds}
 
