@@ -55,7 +55,7 @@ def bench_length(work: Path, length: int, users: int, batch_sizes: list[int]) ->
     ds = load_dataset(data)
     cfg = TrialConfig(dataset=str(data), d_model=32, num_heads=4, depth=2, max_len=length)
     torch.manual_seed(0)
-    model = build_model(cfg, ds.meta["vocab_size"]).eval()
+    model = build_model(cfg, ds).eval()
     auto = cfg.eval_batch_size
     sizes = sorted(set(batch_sizes) | {auto})
     samples_per_second(model, ds, auto, length)  # warm-up: first calls allocate and dispatch

@@ -54,7 +54,7 @@ def main() -> None:
         cfg = TrialConfig(dataset=str(data), d_model=32, num_heads=4, depth=args.depth,
                           max_len=args.length, dropout=0.0)
         torch.manual_seed(0)
-        model = build_model(cfg, ds.meta["vocab_size"]).eval()
+        model = build_model(cfg, ds).eval()
         batch = cfg.eval_batch_size
         for make in (local_batches(ds, "valid", batch, args.length),  # warm-up: one batch each
                      stream_batches(ds, "valid", args.length, batch)):

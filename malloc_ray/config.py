@@ -17,7 +17,10 @@ from malloc_ray.errors import InputError
 
 DEVICES = ("cpu", "cuda")
 LOADERS = ("local", "ray")
-LOSS_POSITIONS = ("all", "last")  # train on every item of a window, or on its target only
+# Train on every item of a window, or on its target only; "auto": "all" unless the dataset
+# scores explicit candidates (its histories hold interactions only, so only the target can be
+# a negative), then "last" -- resolved per dataset by `loader.resolve_loss_positions`.
+LOSS_POSITIONS = ("auto", "all", "last")
 EVAL_PROTOCOLS = ("window", "stream")  # a fresh window per target, or serving replay per user
 
 
@@ -42,7 +45,8 @@ FIELD_HELP = {
     "max_len": "interactions per window, target included",
     "silu_qkv": "SiLU on u, q, k, v (ArkHSTU) or on u only",
     "label_carries_item": "label token = label + item embedding (docs/model.md)",
-    "loss_positions": "train on every item of a window or on its target only",
+    "loss_positions": "train on every item of a window or on its target only (auto: all, or last "
+                      "where the dataset scores candidates)",
     "eval_batch_size": "evaluation batch (default: sized for the device)",
     "weight_decay": "AdamW decay of weight matrices (not embeddings, biases, norms)",
     "embedding_l2": "L2 on the embedding rows a batch touches, per sample",
@@ -109,7 +113,7 @@ class TrialConfig:
     dropout: float = 0.1
     silu_qkv: bool = True            # SiLU on u,q,k,v (ArkHSTU) or on u only
     label_carries_item: bool = True  # label token = label + item embedding (docs/model.md)
-    loss_positions: str = "all"
+    loss_positions: str = "auto"
     hparams: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 64
     eval_batch_size: int | None = None  # None: sized for the device (default_eval_batch_size)

@@ -8,7 +8,7 @@ import pytest
 from conftest import SHARED_DATA
 
 from malloc_ray import cli
-from malloc_ray.data.loader import load_dataset, local_batches
+from malloc_ray.data.loader import load_dataset, local_batches, resolve_loss_positions
 from malloc_ray.data.prepare import prepare
 from malloc_ray.errors import InputError
 
@@ -61,6 +61,10 @@ def test_windows_put_the_candidate_last_and_keep_the_history(tmp_path):
     with pytest.raises(InputError, match="loss_positions: last") as err:
         next(local_batches(ds, "train", 8, max_len=4, loss_positions="all"))
     assert err.value.key == "loss_positions"
+    # the default, "auto", trains such a dataset on the target only: every train row, once
+    auto = list(local_batches(ds, "train", 8, max_len=4, loss_positions="auto"))
+    assert resolve_loss_positions(ds, "auto") == "last"
+    assert sum(len(b["user"]) for b in auto) == ds.meta["splits"]["train"]
 
 
 @pytest.mark.parametrize("text, line, what", [

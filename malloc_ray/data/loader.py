@@ -103,6 +103,7 @@ def select_samples(ds: Dataset, split: str, max_len: int,
     exactly one window (the model puts a loss on every position).
     """
     _check_args(split, max_len, loss_positions, ds)
+    loss_positions = resolve_loss_positions(ds, loss_positions)
     s = ds.samples
     keep = _selection_mask(s["split"].to_numpy(), s["prefix_len"].to_numpy(),
                            s["user_len"].to_numpy(), split, max_len, loss_positions)
@@ -173,14 +174,42 @@ def collate_rows(arrays: UserArrays, rows, max_len: int) -> dict[str, torch.Tens
 def local_batches(ds: Dataset, split: str, batch_size: int, max_len: int,
                   loss_positions: str = "last", shuffle: bool = False, seed: int = 0,
                   drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches in plain Python (tests, small runs); shuffled with a seeded permutation."""
+    """Batches in plain Python; shuffled batches are grouped by window length.
+
+    A batch is padded to its longest window, so on sparse data (most histories a few items
+    long, a few hundreds) random batches cost nearly the full max_len each. Shuffling
+    therefore draws a seeded permutation, sorts each run of `GROUP_BATCHES` batches' worth of
+    samples by window length, cuts it into batches and shuffles the batch order: every sample
+    once per pass, batches of similar lengths, a different mix each seed (the "group by
+    length" sampler of NLP trainers)."""
     rows = select_samples(ds, split, max_len, loss_positions)
     columns = {k: rows[k].to_numpy() for k in _SAMPLE_COLUMNS if k in rows}
-    order = np.random.default_rng(seed).permutation(len(rows)) if shuffle else np.arange(len(rows))
-    stop = len(order) - len(order) % batch_size if drop_last else len(order)
-    for lo in range(0, stop, batch_size):
-        take = order[lo:lo + batch_size]
+    if shuffle:
+        batches = _length_grouped(np.minimum(columns["prefix_len"], max_len), batch_size,
+                                  np.random.default_rng(seed), drop_last)
+    else:
+        stop = len(rows) - len(rows) % batch_size if drop_last else len(rows)
+        batches = [np.arange(lo, min(lo + batch_size, stop)) for lo in range(0, stop, batch_size)]
+    for take in batches:
         yield collate_rows(ds.arrays, {k: v[take] for k, v in columns.items()}, max_len)
+
+
+GROUP_BATCHES = 50  # batches per length-sorted run of a shuffled pass
+
+
+def _length_grouped(widths: np.ndarray, batch_size: int, rng: np.random.Generator,
+                    drop_last: bool) -> list[np.ndarray]:
+    """Row indices per batch: a permutation, length-sorted in runs, batch order shuffled."""
+    order = rng.permutation(len(widths))
+    run = GROUP_BATCHES * batch_size
+    batches = []
+    for lo in range(0, len(order), run):
+        part = order[lo:lo + run]
+        part = part[np.argsort(widths[part], kind="stable")]
+        batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+    if drop_last:
+        batches = [b for b in batches if len(b) == batch_size]
+    return [batches[i] for i in rng.permutation(len(batches))]
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
@@ -223,6 +252,7 @@ def ray_batches(ds: Dataset, split: str, batch_size: int, max_len: int,
     import ray.data
 
     _check_args(split, max_len, loss_positions, ds)
+    loss_positions = resolve_loss_positions(ds, loss_positions)
     ensure_ray()
     _quiet_and_ordered(ray.data.DataContext.get_current())
     if samples is None:
@@ -248,6 +278,13 @@ def _quiet_and_ordered(context) -> None:
     """No progress bars in trial logs; a deterministic order (also of a seeded shuffle)."""
     context.enable_progress_bars = False
     context.execution_options.preserve_order = True
+
+
+def resolve_loss_positions(ds: Dataset, loss_positions: str) -> str:
+    """"auto" -> "last" for a dataset scoring explicit candidates, else "all"; others as given."""
+    if loss_positions == "auto":
+        return "last" if ds.has_candidates else "all"
+    return loss_positions
 
 
 def _check_args(split: str, max_len: int, loss_positions: str, ds: Dataset) -> None:

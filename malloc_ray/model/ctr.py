@@ -34,8 +34,9 @@ class CTRModel(nn.Module):
         if isinstance(method_cls, str):
             raise TypeError(f"CTRModel takes a method class, not a name: pass "
                             f"malloc_ray.methods.get_method({method_cls!r})")
-        if loss_positions not in LOSS_POSITIONS:
-            raise InputError(f"must be one of {LOSS_POSITIONS}, got {loss_positions!r}",
+        trained = tuple(p for p in LOSS_POSITIONS if p != "auto")  # "auto" names the dataset's
+        if loss_positions not in trained:  # choice: resolve it with the dataset first
+            raise InputError(f"must be one of {trained}, got {loss_positions!r}",
                              key="loss_positions")
         self.cfg, self.loss_positions = cfg, loss_positions
         self.method = method_cls

@@ -136,6 +136,11 @@ def cuda_device_bytes() -> int | None:
     return ray.get(probe.remote())
 
 
+def samples_key(dataset: str, cfg: dict) -> str:
+    """Which materialized sample rows a trial config reads (see `materialize_samples`)."""
+    return f"{dataset}|{cfg['max_len']}|{cfg['loss_positions']}"
+
+
 def materialize_samples(records: list[dict]) -> dict:
     """Ray Data sample rows per (dataset, max_len, loss_positions), materialized once in the
     driver and handed to trials: reading inside trials can deadlock when trials hold every CPU."""
@@ -146,7 +151,7 @@ def materialize_samples(records: list[dict]) -> dict:
         cfg = rec["config"]
         if cfg["loader"] != "ray":
             continue
-        key = f"{rec['dataset']}|{cfg['max_len']}|{cfg['loss_positions']}"
+        key = samples_key(rec["dataset"], cfg)
         if key in out:
             continue
         ds = loader.load_dataset(cfg["dataset"])
@@ -188,7 +193,7 @@ def run_phase(name: str, spec: StudySpec, records: list[dict], study, samples) -
 
     def trainable(config):
         rec = by_name[config["cell_name"]]
-        key = f"{rec['dataset']}|{rec['config']['max_len']}|{rec['config']['loss_positions']}"
+        key = samples_key(rec["dataset"], rec["config"])
         tune_trainable({"cell": rec}, study=study, study_dir=study_dir,
                        samples={rec["dataset"]: samples.get(key)})
 
@@ -349,10 +354,10 @@ def run_optuna(spec: StudySpec, dirs: dict[str, str], study, smoke_test: bool) -
                    "hparams": dict(spec.hparams.get(config["method"], {}))}
             if smoke_test:
                 raw.update(smoke.trial_overrides(raw))
-            key = f"{ds_name}|{raw.get('max_len', 128)}|{raw.get('loss_positions', 'all')}"
-            if raw.get("loader") == "ray" and key not in (samples or {}):
-                raw["loader"] = "local"  # no driver-made rows for this selection: no Ray tasks
             cfg = TrialConfig.from_dict(raw)
+            if cfg.loader == "ray" and samples_key(ds_name, cfg.to_dict()) not in (samples or {}):
+                raw["loader"] = "local"  # no driver-made rows for this selection: no Ray tasks
+                cfg = TrialConfig.from_dict(raw)
             method = get_method(cfg.method)
             trial_id = config_hash(cfg, meta["dataset_id"])
             record = {"trial_id": trial_id, "config": cfg.to_dict(), "dataset": ds_name,
@@ -362,7 +367,8 @@ def run_optuna(spec: StudySpec, dirs: dict[str, str], study, smoke_test: bool) -
                       "gpu_fraction": 0.0,
                       "estimated_memory_bytes": estimate_peak_bytes(cfg, meta["vocab_size"]),
                       "name": f"{ds_name}-{cfg.method}-d{cfg.depth}-{trial_id[:6]}"}
-            result = run_cell(record, study, study_dir, (samples or {}).get(key))
+            result = run_cell(record, study, study_dir,
+                              (samples or {}).get(samples_key(ds_name, record["config"])))
             tune.report({o: result.get(o) if result.get(o) is not None else float("nan")
                          for o in objectives} | {"status": result["status"]})
 

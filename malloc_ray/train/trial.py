@@ -37,9 +37,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(cfg: TrialConfig, vocab_size: int) -> CTRModel:
-    hstu = cfg.model_config()
-    return CTRModel(hstu, get_method(cfg.method), vocab_size, cfg.hparams, cfg.loss_positions)
+def build_model(cfg: TrialConfig, ds) -> CTRModel:
+    """The trial's model for prepared dataset `ds` (its vocabulary, its loss positions)."""
+    return CTRModel(cfg.model_config(), get_method(cfg.method), ds.meta["vocab_size"],
+                    cfg.hparams, loader.resolve_loss_positions(ds, cfg.loss_positions))
 
 
 def batch_factories(cfg: TrialConfig, ds, samples: dict | None = None):
@@ -90,7 +91,7 @@ def run_trial(cfg: TrialConfig, on_epoch: Callable[[dict], None] | None = None,
     ds = loader.load_dataset(cfg.dataset)
     if cfg.eval_protocol == "stream":
         streams.user_streams(ds, "valid", cfg.max_len)  # refuses what it cannot replay, now
-    model = build_model(cfg, ds.meta["vocab_size"]).to(device)
+    model = build_model(cfg, ds).to(device)
     train, valid, test = batch_factories(cfg, ds, samples)
     if model.method.workflow == "post-hoc":
         if native_checkpoint is None:
