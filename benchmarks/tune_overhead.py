@@ -62,9 +62,9 @@ def plain_loop(spec) -> tuple[float, list[dict]]:
     return time.perf_counter() - start, results
 
 
-def study_service(spec) -> tuple[float, float, list[str]]:
+def study_service(spec) -> tuple[float, float, list[dict]]:
     """Seconds for `run_study` (Ray started inside it), the seconds its trials spent in
-    `run_trial` (from their result files), and the cells' statuses."""
+    `run_trial` (from their result files), and those results."""
     import ray
 
     from malloc_ray.study.run import run_study
@@ -75,7 +75,20 @@ def study_service(spec) -> tuple[float, float, list[str]]:
     ray.shutdown()
     results = [json.loads(p.read_text()) for p in (spec.study_dir / "trials").glob("*.json")]
     inside = sum(r["finished_at"] - r["started_at"] for r in results)
-    return seconds, inside, list(table["status"])
+    assert len(table) == len(results)
+    return seconds, inside, results
+
+
+METRICS = ("auc", "gauc", "logloss", "valid_auc")
+
+
+def same_metrics(loop: list[dict], tune: list[dict]) -> bool:
+    """Per cell (by seed: the cells differ in nothing else), the same test/valid metrics on
+    both sides: a reused Tune worker must train exactly as a fresh process does."""
+    def by_seed(results):
+        return {r["seed"]: tuple(r[m] for m in METRICS) for r in results}
+
+    return by_seed(loop) == by_seed(tune)
 
 
 def long_trial(work: Path, dataset: Path, seconds: float) -> dict:
@@ -92,12 +105,14 @@ def long_trial(work: Path, dataset: Path, seconds: float) -> dict:
 
 def compare(label: str, work: Path, dataset: Path, trial: dict, n: int) -> str:
     loop_s, results = plain_loop(make_spec(f"{label}-loop", work, dataset, trial, n))
-    tune_s, inside_s, statuses = study_service(make_spec(f"{label}-tune", work, dataset,
-                                                         trial, n))
+    tune_s, inside_s, tuned = study_service(make_spec(f"{label}-tune", work, dataset, trial, n))
+    statuses = [r["status"] for r in tuned]
     bad = [r["status"] for r in results if r["status"] != "ok"] + \
           [s for s in statuses if s != "ok"]
     if bad or len(statuses) != n:
         raise SystemExit(f"{label}: trials did not all finish ok: {bad or statuses}")
+    if not same_metrics(results, tuned):
+        raise SystemExit(f"{label}: the study's metrics differ from the plain loop's")
     # Each side's wall time over the time its own trials spent training and evaluating
     # (run_trial, from the result files): a change in background load between the two runs
     # cannot skew these, as it can the first ratio.
@@ -105,7 +120,8 @@ def compare(label: str, work: Path, dataset: Path, trial: dict, n: int) -> str:
     line = (f"{label:5s} trials: {n} x {loop_s / n:5.1f} s | plain loop {loop_s:7.1f} s | "
             f"Ray Tune study {tune_s:7.1f} s | ratio {tune_s / loop_s:5.2f}x | overhead "
             f"{(tune_s - loop_s) / n:5.1f} s per trial | wall / run_trial time: loop "
-            f"{loop_s / loop_inside:5.2f}x, Tune {tune_s / inside_s:5.2f}x")
+            f"{loop_s / loop_inside:5.2f}x, Tune {tune_s / inside_s:5.2f}x | metrics per cell "
+            f"equal: yes")
     print(line, flush=True)
     return line
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pandas as pd
@@ -72,33 +72,40 @@ def native_twin(cfg: TrialConfig) -> TrialConfig:
     return TrialConfig.from_dict(raw)
 
 
+def trial_record(spec: StudySpec, dataset: str, cfg: TrialConfig, meta: dict,
+                 device_bytes: int | None) -> dict:
+    """The plain dict that travels to a trial (grid cell or sampled point alike): config, ids,
+    resources, checkpoint paths."""
+    trial_id = config_hash(cfg, meta["dataset_id"])
+    method = get_method(cfg.method)
+    res = trial_resources(cfg, meta["vocab_size"], spec.resources.cpus_per_trial,
+                          spec.resources.gpus, device_bytes, spec.resources.gpu_fraction_step)
+    record = {"trial_id": trial_id, "config": cfg.to_dict(), "dataset": dataset,
+              "dataset_id": meta["dataset_id"],
+              "label_stream_auc": provenance.label_stream_auc(meta["stats"]),
+              "category": method.category, "workflow": method.workflow,
+              "resources": res, "gpu_fraction": res["gpu"],
+              "estimated_memory_bytes": estimate_peak_bytes(cfg, meta["vocab_size"]),
+              "name": f"{dataset}-{cfg.method}-d{cfg.depth}-s{cfg.seed}-{trial_id[:6]}"}
+    if cfg.method == "native":
+        record["save_checkpoint"] = str(checkpoint_path(spec.study_dir, trial_id))
+    if method.workflow == "post-hoc":
+        twin = config_hash(native_twin(cfg), meta["dataset_id"])
+        record["native_checkpoint"] = str(checkpoint_path(spec.study_dir, twin))
+    return record
+
+
 def cell_records(spec: StudySpec, cells: list[Cell], device_bytes: int | None) -> list[dict]:
-    """Plain dicts that travel to trials: config, ids, resources, checkpoint paths."""
+    """The records of the grid's cells, plus the Native twin of every post-hoc cell."""
     metas = {c.config.dataset: read_meta(c.config.dataset) for c in cells}
     by_id, twins = {}, []
     for cell in cells:
         if get_method(cell.config.method).workflow == "post-hoc":
             twins.append(Cell(cell.dataset, native_twin(cell.config)))
     for cell in twins + cells:  # twins first; a spec that lists native anyway dedups here
-        cfg, meta = cell.config, metas[cell.config.dataset]
-        trial_id = config_hash(cfg, meta["dataset_id"])
-        method = get_method(cfg.method)
-        estimate = estimate_peak_bytes(cfg, meta["vocab_size"])
-        res = trial_resources(cfg, meta["vocab_size"], spec.resources.cpus_per_trial,
-                              spec.resources.gpus, device_bytes, spec.resources.gpu_fraction_step)
-        record = {"trial_id": trial_id, "config": cfg.to_dict(), "dataset": cell.dataset,
-                  "dataset_id": meta["dataset_id"],
-                  "label_stream_auc": provenance.label_stream_auc(meta["stats"]),
-                  "category": method.category, "workflow": method.workflow,
-                  "resources": res, "gpu_fraction": res["gpu"],
-                  "estimated_memory_bytes": estimate,
-                  "name": f"{cell.dataset}-{cfg.method}-d{cfg.depth}-s{cfg.seed}-{trial_id[:6]}"}
-        if cfg.method == "native":
-            record["save_checkpoint"] = str(checkpoint_path(spec.study_dir, trial_id))
-        if method.workflow == "post-hoc":
-            twin = config_hash(native_twin(cfg), meta["dataset_id"])
-            record["native_checkpoint"] = str(checkpoint_path(spec.study_dir, twin))
-        by_id.setdefault(trial_id, record)
+        record = trial_record(spec, cell.dataset, cell.config, metas[cell.config.dataset],
+                              device_bytes)
+        by_id.setdefault(record["trial_id"], record)
     return list(by_id.values())
 
 
@@ -162,7 +169,7 @@ def materialize_samples(records: list[dict]) -> dict:
 
 
 class _Progress:
-    """Tune callback: one line per finished cell with the study's ETA."""
+    """Tune callback: one line per finished trial with the study's ETA."""
 
     def __init__(self, total: int):
         from ray.tune import Callback
@@ -173,10 +180,38 @@ class _Progress:
                 elapsed = time.time() - self.start
                 eta = elapsed / self.done * (self.total - self.done)
                 status = (trial.last_result or {}).get("status", "?")
-                log(f"{self.done}/{self.total} cells done ({trial.config['cell_name']}: "
+                log(f"{self.done}/{self.total} cells done ({_label(trial)}: "
                     f"{status}); elapsed {elapsed:.0f}s, ETA {eta:.0f}s")
 
         self.total, self.done, self.start, self.callback = total, 0, time.time(), Cb()
+
+
+def _label(trial) -> str:
+    """A grid trial's cell name; a sampled point has none before it runs."""
+    cfg = trial.config
+    return cfg.get("cell_name") or f"{cfg.get('method')} d{cfg.get('depth')} {trial.trial_id}"
+
+
+def fit_tuner(spec: StudySpec, name: str, trainable, resources, param_space: dict,
+              total: int, **tune_config) -> None:
+    """The one Tuner set-up of both drivers: per-trial `resources` (a dict, or config -> dict),
+    no Tune retries (a failure is a result row, never a re-run), the progress line."""
+    from ray import tune
+
+    progress = _Progress(total)
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, resources),
+        param_space=param_space,
+        # reuse_actors: a slot's worker process runs cell after cell (a fresh process per cell
+        # costs seconds of imports); run_cell leaves no state behind but the peak-RSS counter,
+        # which it resets (trainable.reset_peak_memory).
+        tune_config=tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent_trials,
+                                    reuse_actors=True, **tune_config),
+        run_config=tune.RunConfig(name=name, storage_path=tune_storage_path(spec),
+                                  failure_config=tune.FailureConfig(max_failures=0),
+                                  callbacks=[progress.callback], verbose=1),
+    )
+    tuner.fit()
 
 
 def run_phase(name: str, spec: StudySpec, records: list[dict], study, samples) -> None:
@@ -197,21 +232,11 @@ def run_phase(name: str, spec: StudySpec, records: list[dict], study, samples) -
         tune_trainable({"cell": rec}, study=study, study_dir=study_dir,
                        samples={rec["dataset"]: samples.get(key)})
 
-    resources = tune.with_resources(trainable,
-                                    lambda config: by_name[config["cell_name"]]["resources"])
-    progress = _Progress(len(records))
-    tuner = tune.Tuner(
-        resources,
-        param_space={"cell_name": tune.grid_search(sorted(by_name))},
-        tune_config=tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent_trials,
-                                    trial_name_creator=lambda t: t.config["cell_name"],
-                                    trial_dirname_creator=lambda t: t.config["cell_name"]),
-        run_config=tune.RunConfig(name=f"{spec.name}-{name}",
-                                  storage_path=tune_storage_path(spec),
-                                  failure_config=tune.FailureConfig(max_failures=0),
-                                  callbacks=[progress.callback], verbose=1),
-    )
-    tuner.fit()
+    fit_tuner(spec, f"{spec.name}-{name}", trainable,
+              lambda config: by_name[config["cell_name"]]["resources"],
+              {"cell_name": tune.grid_search(sorted(by_name))}, total=len(records),
+              trial_name_creator=lambda t: t.config["cell_name"],
+              trial_dirname_creator=lambda t: t.config["cell_name"])
 
 
 # -- baselines ---------------------------------------------------------------------------------
@@ -316,79 +341,106 @@ def search_space(spec: StudySpec, methods: list[str]) -> dict:
     return space
 
 
+def resolve_point(spec: StudySpec, dataset: str, dataset_dir: str, point: dict,
+                  smoke_test: bool) -> TrialConfig:
+    """A sampled point's config, resolved exactly as a grid cell's: `expand_cells` over a
+    one-cell grid (trial defaults, the method's hparams, `overrides`, smoke). The sampled keys
+    take the place of the spec's `trial` values, so an override that sets one wins, as it wins
+    over `trial` in a grid."""
+    point = dict(point)
+    one = replace(spec, datasets=[d for d in spec.datasets if d.name == dataset],
+                  methods=[point.pop("method")], depths=[point.pop("depth")],
+                  seeds=spec.seeds[:1], trial={**spec.trial, **point})
+    (cell,) = expand_cells(one, {dataset: dataset_dir}, smoke_test)
+    return cell.config
+
+
+def search_record(spec: StudySpec, dataset: str, dataset_dir: str, meta: dict, point: dict,
+                  smoke_test: bool, device_bytes: int | None, have) -> dict:
+    """The record of a sampled point; `have`: the samples keys the driver materialized."""
+    cfg = resolve_point(spec, dataset, dataset_dir, point, smoke_test)
+    if cfg.loader == "ray" and samples_key(dataset, cfg.to_dict()) not in have:
+        # no driver-made rows for this selection: no Ray tasks inside a trial (see
+        # materialize_samples)
+        cfg = TrialConfig.from_dict({**cfg.to_dict(), "loader": "local"})
+    record = trial_record(spec, dataset, cfg, meta, device_bytes)
+    # Nothing in a search reads Native's weights (post-hoc methods are not searched); saving
+    # every sampled Native would only fill the disk.
+    record.pop("save_checkpoint", None)
+    return record
+
+
+def optuna_search(spec: StudySpec, dataset: str, storage):
+    """TPE for one objective, NSGA-II for several; the Optuna study lives in `storage`."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    from malloc_ray.study.spec import OBJECTIVES
+
+    objectives = spec.search.objectives
+    modes = [OBJECTIVES[o] for o in objectives]
+    multi = len(objectives) > 1
+    sampler = (optuna.samplers.NSGAIISampler(seed=spec.search.seed) if multi
+               else optuna.samplers.TPESampler(seed=spec.search.seed))
+    return OptunaSearch(metric=objectives if multi else objectives[0],
+                        mode=modes if multi else modes[0], sampler=sampler, storage=storage,
+                        study_name=f"{spec.name}-{dataset}", seed=spec.search.seed)
+
+
+def run_search(spec: StudySpec, dataset: str, dataset_dir: str, methods: list[str], study,
+               smoke_test: bool, budget: int, storage, device_bytes: int | None) -> None:
+    """`budget` more Optuna trials on one dataset."""
+    from ray import tune
+
+    from malloc_ray.study.trainable import run_cell
+
+    meta = read_meta(dataset_dir)
+    # Rows for every (method, depth) the search can pick at the spec's own trial values;
+    # materialize_samples makes each selection once.
+    samples = materialize_samples([
+        {"dataset": dataset,
+         "config": resolve_point(spec, dataset, dataset_dir, {"method": m, "depth": d},
+                                 smoke_test).to_dict()}
+        for m in methods for d in spec.depths])
+    have = set(samples)  # the driver's resource calls need the keys only
+    objectives, study_dir = spec.search.objectives, str(spec.study_dir)
+
+    def record(config: dict) -> dict:
+        return search_record(spec, dataset, dataset_dir, meta, config, smoke_test,
+                             device_bytes, have)
+
+    def trainable(config, samples=None):
+        rec = record(config)
+        result = run_cell(rec, study, study_dir,
+                          (samples or {}).get(samples_key(dataset, rec["config"])))
+        tune.report({o: result.get(o) if result.get(o) is not None else float("nan")
+                     for o in objectives} | {"status": result["status"]})
+
+    fit_tuner(spec, f"{spec.name}-{dataset}-optuna",
+              tune.with_parameters(trainable, samples=samples),
+              lambda config: record(config)["resources"], search_space(spec, methods),
+              total=budget, search_alg=optuna_search(spec, dataset, storage),
+              num_samples=budget)
+
+
 def run_optuna(spec: StudySpec, dirs: dict[str, str], study, smoke_test: bool) -> None:
     """One Optuna search per dataset over the trained methods; single objective with TPE, or
     several (e.g. auc and kv_bytes_per_user, payload + metadata) with NSGA-II. The Optuna
     study is stored in <study>/optuna.db beside MLflow. Post-hoc methods are not searched
     (they need a Native model of the same cell); run them in a grid study."""
     import optuna
-    from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
-
-    from malloc_ray.study.spec import OBJECTIVES
-    from malloc_ray.study.trainable import run_cell
 
     methods = [m for m in spec.methods if get_method(m).workflow == "trained"]
-    objectives = spec.search.objectives
-    modes = [OBJECTIVES[o] for o in objectives]
     storage = optuna.storages.RDBStorage(f"sqlite:///{spec.study_dir / 'optuna.db'}")
+    device_bytes = cuda_device_bytes()
     for ds in spec.datasets:
-        meta = read_meta(dirs[ds.name])
         done = [r for r in results_mod.finished_results(spec.study_dir).values()
                 if r["dataset"] == ds.name]
         budget = (smoke.SEARCH_SAMPLES if smoke_test else spec.search.num_samples) - len(done)
         log(f"optuna on {ds.name}: {len(done)} trials finished, {max(budget, 0)} to run")
-        if budget <= 0:
-            continue
-
-        base = {**spec.trial, "dataset": dirs[ds.name], "seed": spec.seeds[0], "method": "native",
-                "depth": spec.depths[0]}
-        if smoke_test:
-            base.update(smoke.trial_overrides(base))
-        base_cfg = TrialConfig.from_dict(base).to_dict()
-        samples = materialize_samples([{"dataset": ds.name, "config": base_cfg}])
-
-        def trainable(config, ds_name=ds.name, ds_dir=dirs[ds.name], meta=meta, samples=None,
-                      study_dir=str(spec.study_dir)):
-            raw = {**spec.trial, **config, "dataset": ds_dir, "seed": spec.seeds[0],
-                   "hparams": dict(spec.hparams.get(config["method"], {}))}
-            if smoke_test:
-                raw.update(smoke.trial_overrides(raw))
-            cfg = TrialConfig.from_dict(raw)
-            if cfg.loader == "ray" and samples_key(ds_name, cfg.to_dict()) not in (samples or {}):
-                raw["loader"] = "local"  # no driver-made rows for this selection: no Ray tasks
-                cfg = TrialConfig.from_dict(raw)
-            method = get_method(cfg.method)
-            trial_id = config_hash(cfg, meta["dataset_id"])
-            record = {"trial_id": trial_id, "config": cfg.to_dict(), "dataset": ds_name,
-                      "dataset_id": meta["dataset_id"],
-                      "label_stream_auc": provenance.label_stream_auc(meta["stats"]),
-                      "category": method.category, "workflow": method.workflow,
-                      "gpu_fraction": 0.0,
-                      "estimated_memory_bytes": estimate_peak_bytes(cfg, meta["vocab_size"]),
-                      "name": f"{ds_name}-{cfg.method}-d{cfg.depth}-{trial_id[:6]}"}
-            result = run_cell(record, study, study_dir,
-                              (samples or {}).get(samples_key(ds_name, record["config"])))
-            tune.report({o: result.get(o) if result.get(o) is not None else float("nan")
-                         for o in objectives} | {"status": result["status"]})
-
-        sampler = (optuna.samplers.NSGAIISampler(seed=spec.search.seed) if len(objectives) > 1
-                   else optuna.samplers.TPESampler(seed=spec.search.seed))
-        search = OptunaSearch(metric=objectives if len(objectives) > 1 else objectives[0],
-                              mode=modes if len(objectives) > 1 else modes[0], sampler=sampler,
-                              storage=storage, study_name=f"{spec.name}-{ds.name}",
-                              seed=spec.search.seed)
-        tuner = tune.Tuner(
-            tune.with_resources(tune.with_parameters(trainable, samples=samples),
-                                {"cpu": spec.resources.cpus_per_trial}),
-            param_space=search_space(spec, methods),
-            tune_config=tune.TuneConfig(search_alg=search, num_samples=budget,
-                                        max_concurrent_trials=spec.resources.max_concurrent_trials),
-            run_config=tune.RunConfig(name=f"{spec.name}-{ds.name}-optuna",
-                                      storage_path=tune_storage_path(spec),
-                                      failure_config=tune.FailureConfig(max_failures=0),
-                                      verbose=1))
-        tuner.fit()
+        if budget > 0:
+            run_search(spec, ds.name, dirs[ds.name], methods, study, smoke_test, budget,
+                       storage, device_bytes)
 
 
 # -- the study ---------------------------------------------------------------------------------
@@ -418,10 +470,12 @@ def run_study(spec: StudySpec, smoke_test: bool = False, retry_failed: bool = Fa
     check_cluster_storage(spec, tracking_uri)
     study_dir.mkdir(parents=True, exist_ok=True)
     dirs = prepare_datasets(spec, smoke_test)
-    if spec.search.mode == "optuna":
-        return run_search_study(spec, dirs, tracking_uri, smoke_test)
-    cells = expand_cells(spec, dirs, smoke_test)
     init_ray()
+    if spec.search.mode == "optuna":
+        # An Optuna search has no rows before it runs: its table is every finished result.
+        return run_lifecycle(spec, dirs, tracking_uri, smoke_test,
+                             lambda study: run_optuna(spec, dirs, study, smoke_test))
+    cells = expand_cells(spec, dirs, smoke_test)
     records = cell_records(spec, cells, cuda_device_bytes())
     baselines = baseline_records(spec, cells, smoke_test)
     finished = results_mod.finished_results(study_dir)
@@ -433,47 +487,43 @@ def run_study(spec: StudySpec, smoke_test: bool = False, retry_failed: bool = Fa
     left = len(todo) + len(baselines_todo)
     log(f"study {spec.name}: {len(records)} cells, {len(records) - left} already finished, "
         f"{left} to run; MLflow: {tracking_uri}")
+
+    def grid(study) -> None:
+        samples = materialize_samples(todo)
+        run_phase("trained", spec, [r for r in todo if r["workflow"] == "trained"], study, samples)
+        run_phase("post-hoc", spec, [r for r in todo if r["workflow"] == "post-hoc"], study,
+                  samples)
+        run_baselines(baselines_todo, study, study_dir)
+
+    return run_lifecycle(spec, dirs, tracking_uri, smoke_test, grid, records)
+
+
+def run_lifecycle(spec: StudySpec, dirs: dict[str, str], tracking_uri: str, smoke_test: bool,
+                  body, records: list[dict] | None = None) -> pd.DataFrame:
+    """The one study lifecycle around `body(study)` (grid phases, or Optuna searches): the
+    parent run, provenance, the trials table. `records`: the table's rows in order (None:
+    every finished result)."""
+    study_dir = spec.study_dir
     study = start_study_run(tracking_uri, spec.name, study_dir, params=study_params(spec, dirs),
                             datasets=dirs)
     provenance.write(study_dir, provenance.collect(spec, dirs, tracking_uri, study, smoke_test))
     reconcile_study(study, study_dir, log)  # what a killed driver left: one child run per cell
     status = "FAILED"
     try:
-        samples = materialize_samples(todo)
-        run_phase("trained", spec, [r for r in todo if r["workflow"] == "trained"], study, samples)
-        run_phase("post-hoc", spec, [r for r in todo if r["workflow"] == "post-hoc"], study,
-                  samples)
-        run_baselines(baselines_todo, study, study_dir)
+        body(study)
         status = "FINISHED"
     finally:
         finish_study_run(study, status)
     reconcile_study(study, study_dir, log)  # trials that crashed between result and run finish
+    return write_trials_table(study_dir, records)
+
+
+def write_trials_table(study_dir: Path, records: list[dict] | None) -> pd.DataFrame:
     done = results_mod.finished_results(study_dir)
-    missing = [r["name"] for r in records if r["trial_id"] not in done]
-    table = results_mod.build_table([done[r["trial_id"]] for r in records
-                                     if r["trial_id"] in done])
+    wanted = [r["trial_id"] for r in records] if records is not None else list(done)
+    missing = [r["name"] for r in records or [] if r["trial_id"] not in done]
+    table = results_mod.build_table([done[t] for t in wanted if t in done])
     path = results_mod.write_table(table, study_dir) if len(table) else "not written"
     log(f"trials table: {path} ({len(table)} rows"
         + (f"; {len(missing)} cells did not finish: {missing}" if missing else "") + ")")
-    return table
-
-
-def run_search_study(spec: StudySpec, dirs: dict[str, str], tracking_uri: str,
-                     smoke_test: bool) -> pd.DataFrame:
-    init_ray()
-    study = start_study_run(tracking_uri, spec.name, spec.study_dir,
-                            params=study_params(spec, dirs), datasets=dirs)
-    provenance.write(spec.study_dir, provenance.collect(spec, dirs, tracking_uri, study,
-                                                        smoke_test))
-    reconcile_study(study, spec.study_dir, log)
-    status = "FAILED"
-    try:
-        run_optuna(spec, dirs, study, smoke_test)
-        status = "FINISHED"
-    finally:
-        finish_study_run(study, status)
-    reconcile_study(study, spec.study_dir, log)
-    table = results_mod.build_table(list(results_mod.finished_results(spec.study_dir).values()))
-    path = results_mod.write_table(table, spec.study_dir) if len(table) else "not written"
-    log(f"trials table: {path} ({len(table)} rows)")
     return table

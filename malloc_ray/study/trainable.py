@@ -47,11 +47,30 @@ def write_result(path: Path, result: dict) -> None:
     os.replace(tmp, path)
 
 
+def reset_peak_memory(device: str) -> None:
+    """Start this cell's peak-memory count: a reused Tune worker has run other cells before.
+    Linux resets the process's resident high-water mark (VmHWM) on "5" to clear_refs."""
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not Linux (or not allowed): the count is the process's since it started
+
+
 def _peak_memory_bytes(device: str) -> int:
     import torch
 
     if device == "cuda" and torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
+    try:  # the high-water mark since reset_peak_memory
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
 
@@ -89,6 +108,7 @@ def run_cell(cell: dict, study: StudyRun, study_dir: str, samples: dict | None =
         if report:
             report({**record, "status": "running"})
 
+    reset_peak_memory(cfg.device)
     start = time.time()
     try:
         result = run_trial(cfg, on_epoch=on_epoch, samples=samples,
