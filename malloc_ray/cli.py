@@ -122,7 +122,7 @@ def _baseline_parser(sub) -> None:
     p.add_argument("--embed-dim", type=int, default=None,
                    help="din/bst item embedding width (default: the trial's d_model)")
     p.add_argument("--patience", type=int, default=None,
-                   help="din/bst early-stopping patience on valid AUC (default: the trainer's, 10)")
+                   help="din/bst early-stopping patience on valid AUC (default: 2)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="din/bst device (default: cuda when available)")
     p.add_argument("--smoke-test", action="store_true",

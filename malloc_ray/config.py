@@ -53,7 +53,9 @@ FIELD_HELP = {
     "warmup_steps": "linear learning-rate warm-up over this many steps",
     "lr_plateau_factor": "multiply the learning rate by this after an evaluation without "
                          "improvement (1: never)",
-    "eval_every_steps": "also validate every N training steps (default: after each pass)",
+    "eval_every_steps": "also validate every N training steps (null: after each pass only)",
+    "max_valid_drop": "stop once validation AUC falls this far below its best (null: "
+                      "patience only)",
     "epochs": "passes over the training split",
     "patience": "evaluations without a better validation AUC before stopping",
     "no_learning_epochs": "stop as no_learning after this many evaluations without learning",
@@ -77,9 +79,11 @@ def default_eval_batch_size(device: str, num_heads: int, max_len: int) -> int:
 @dataclass
 class TrainConfig:
     """What the training loop (train/loop.py `fit`) needs; built by `TrialConfig.train_config`.
-    Users set these through the trial config, which validates them."""
+    Users set these through the trial config, which validates them; the trial config takes
+    its defaults from here. The defaults are the backbone recipe (docs/training.md), chosen on
+    ML-100K, Amazon Toys and the synthetic profiles together, not per dataset."""
 
-    lr: float = 5e-4
+    lr: float = 1e-3
     epochs: int = 20                 # passes over the training split
     patience: int = 3                # evaluations without a better valid AUC before stopping
     grad_clip: float = 1.0           # max total grad norm; 0 disables clipping (the norm is still checked)
@@ -87,11 +91,12 @@ class TrainConfig:
     no_learning_epochs: int = 0      # >0: stop as no_learning after this many evaluations without learning
     no_learning_margin: float | None = NO_LEARNING_MARGIN  # valid AUC < 0.5 + this: no_learning
     max_steps_per_epoch: int | None = None
-    weight_decay: float = 0.0        # AdamW decay of weight matrices (not embeddings, biases, norms)
-    embedding_l2: float = 0.0        # L2 on the embedding rows a batch touches, per sample
-    warmup_steps: int = 0            # linear learning-rate warm-up over this many steps
-    lr_plateau_factor: float = 1.0   # lr *= this after an evaluation without improvement
-    eval_every_steps: int | None = None  # also evaluate every N steps within a pass
+    weight_decay: float = 0.05       # AdamW decay of weight matrices (not embeddings, biases, norms)
+    embedding_l2: float = 1e-4       # L2 on the embedding rows a batch touches, per sample
+    warmup_steps: int = 50           # linear learning-rate warm-up over this many steps
+    lr_plateau_factor: float = 0.5   # lr *= this after an evaluation without improvement
+    eval_every_steps: int | None = 400  # also evaluate every N steps within a pass
+    max_valid_drop: float | None = 0.005  # stop once valid AUC is this far below its best
     seed: int = 0
 
     def __post_init__(self):
@@ -110,7 +115,7 @@ class TrialConfig:
     d_model: int = 64
     num_heads: int = 4
     max_len: int = 128                   # interactions per window, target included
-    dropout: float = 0.1
+    dropout: float = 0.3
     silu_qkv: bool = True            # SiLU on u,q,k,v (ArkHSTU) or on u only
     label_carries_item: bool = True  # label token = label + item embedding (docs/model.md)
     loss_positions: str = "auto"
@@ -118,19 +123,21 @@ class TrialConfig:
     batch_size: int = 64
     eval_batch_size: int | None = None  # None: sized for the device (default_eval_batch_size)
     eval_protocol: str = "window"
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    embedding_l2: float = 0.0
-    warmup_steps: int = 0
-    lr_plateau_factor: float = 1.0
-    eval_every_steps: int | None = None
-    epochs: int = 20
-    patience: int = 3
-    grad_clip: float = 1.0
-    explode_grad_norm: float = 1e4
-    no_learning_epochs: int = 0
-    no_learning_margin: float | None = NO_LEARNING_MARGIN  # best valid AUC < 0.5 + this: no_learning
-    max_steps_per_epoch: int | None = None
+    # the training recipe: TrainConfig's defaults (one place)
+    lr: float = TrainConfig.lr
+    weight_decay: float = TrainConfig.weight_decay
+    embedding_l2: float = TrainConfig.embedding_l2
+    warmup_steps: int = TrainConfig.warmup_steps
+    lr_plateau_factor: float = TrainConfig.lr_plateau_factor
+    eval_every_steps: int | None = TrainConfig.eval_every_steps
+    max_valid_drop: float | None = TrainConfig.max_valid_drop
+    epochs: int = TrainConfig.epochs
+    patience: int = TrainConfig.patience
+    grad_clip: float = TrainConfig.grad_clip
+    explode_grad_norm: float = TrainConfig.explode_grad_norm
+    no_learning_epochs: int = TrainConfig.no_learning_epochs
+    no_learning_margin: float | None = TrainConfig.no_learning_margin  # best valid AUC < 0.5 + this: no_learning
+    max_steps_per_epoch: int | None = TrainConfig.max_steps_per_epoch
     device: str = "cpu"
     loader: str = "local"
     # Testing aid: "nan:K" makes the training loss NaN from epoch K on, "raise:K" raises in
@@ -182,9 +189,9 @@ class TrialConfig:
 # Fields whose default is None take None or this type; every other field takes its default's.
 OPTIONAL_TYPES = {"eval_batch_size": int, "max_steps_per_epoch": int, "fault": str,
                   "eval_every_steps": int,
-                  "no_learning_margin": float}
+                  "no_learning_margin": float, "max_valid_drop": float}
 # Fields with a default that also take None (meaning: off).
-NULLABLE = ("no_learning_margin",)
+NULLABLE = ("no_learning_margin", "eval_every_steps", "max_valid_drop")
 TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
               dict: "a mapping"}
 
@@ -221,6 +228,7 @@ RULES: dict[str, tuple[Any, str]] = {
     "fault": (lambda v: v is None or _fault(v), "'nan:EPOCH' or 'raise:EPOCH'"),
     "no_learning_margin": (lambda v: v is None or 0 <= v < 0.5,
                            "a number in [0, 0.5) or null (off)"),
+    "max_valid_drop": (lambda v: v is None or 0 < v < 1, "a number in (0, 1) or null (off)"),
 }
 
 

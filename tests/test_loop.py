@@ -131,12 +131,30 @@ def test_deterministic_given_seed():
 def test_early_stopping_restores_best_epoch():
     steps = 5
     model = Scripted([0.5, 3.0, 1.0, 0.7, 0.5, 6.0, 6.0], steps)
-    result = run(model, TrainConfig(epochs=7, patience=3, max_steps_per_epoch=steps))
+    result = run(model, TrainConfig(epochs=7, patience=3, max_steps_per_epoch=steps,
+                                    max_valid_drop=None))
     assert result["status"] == "ok"
     assert result["best_epoch"] == 1 and result["epochs_run"] == 5  # epochs 2, 3, 4 did not improve
     assert int(model.steps) == 2 * steps  # the weights after epoch 1 are back
     assert result["valid_auc"] == result["history"][1]["valid_auc"]
     assert result["auc"] == evaluate(model, TEST)["auc"]
+
+
+def test_a_fall_below_the_best_stops_before_the_patience_is_spent():
+    steps = 5
+    scripted = [0.5, 3.0, 1.0, 0.7, 0.5, 6.0, 6.0]
+    curve = [r["valid_auc"] for r in run(Scripted(scripted, steps), TrainConfig(
+        epochs=7, patience=7, max_steps_per_epoch=steps, max_valid_drop=None))["history"]]
+    drop = curve[1] - curve[2]  # the first evaluation after the best is already worse
+    assert drop > 0
+    model = Scripted(scripted, steps)
+    result = run(model, TrainConfig(epochs=7, patience=7, max_steps_per_epoch=steps,
+                                    max_valid_drop=drop / 2))
+    assert result["best_epoch"] == 1 and result["epochs_run"] == 3  # stopped at the fall
+    assert int(model.steps) == 2 * steps  # and back at the best weights
+    kept = run(Scripted(scripted, steps), TrainConfig(
+        epochs=7, patience=2, max_steps_per_epoch=steps, max_valid_drop=drop * 2))
+    assert kept["epochs_run"] == 4  # a smaller fall: patience decides
 
 
 @pytest.mark.parametrize("scale, reason", [(math.nan, "loss"), (1e9, "gradient norm")])
@@ -245,7 +263,8 @@ def test_weight_decay_spares_embeddings_and_warmup_ramps_the_rate():
 def test_plateau_factor_cuts_the_rate_after_an_evaluation_without_improvement():
     seen = []
     result = run(BiasOnly(), TrainConfig(lr=0.05, epochs=4, patience=4, lr_plateau_factor=0.5,
-                                         no_learning_margin=None), on_epoch=seen.append)
+                                         warmup_steps=0, no_learning_margin=None),
+                 on_epoch=seen.append)
     assert result["epochs_run"] == 4
     # BiasOnly's valid AUC never improves on its first evaluation: the rate is halved after
     # each later one (a record holds the rate its steps trained with)

@@ -4,7 +4,10 @@ The recipe (FuxiCTR-style CTR training, every knob a trial config field): AdamW 
 decay on weight matrices, L2 on the embedding rows a batch touches, gradient clipping, a linear
 learning-rate warm-up, the learning rate cut by `lr_plateau_factor` after every evaluation
 without improvement, and validation every `eval_every_steps` steps as well as after each pass,
-so a model that overfits within a pass is stopped at its best evaluation.
+so a model that overfits within a pass is stopped at its best evaluation. Training stops after
+`patience` evaluations without a better validation AUC, or at once when one falls more than
+`max_valid_drop` below the best (overfitting on sparse data can cost more in one evaluation
+than patience should wait out).
 
 No Ray here; `study/trainable.py` wraps it for Tune and reports through `on_epoch`.
 
@@ -210,6 +213,8 @@ def fit(model: torch.nn.Module, train_batches: Callable[[int], Iterable[dict]],
             best_epoch, best_score, best_state = index, score, _cpu_state(model)
         else:
             decay[0] *= cfg.lr_plateau_factor
+        if cfg.max_valid_drop is not None and score < best_score - cfg.max_valid_drop:
+            return True  # overfitting shows: stop at once rather than wait out the patience
         if cfg.no_learning_epochs and index + 1 == cfg.no_learning_epochs \
                 and not learned(best_score, cfg.no_learning_margin):
             status, failed_epoch, reason = "no_learning", index, f"best valid AUC {best_score:.4f}"
