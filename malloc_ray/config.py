@@ -53,7 +53,9 @@ FIELD_HELP = {
     "warmup_steps": "linear learning-rate warm-up over this many steps",
     "lr_plateau_factor": "multiply the learning rate by this after an evaluation without "
                          "improvement (1: never)",
-    "eval_every_steps": "also validate every N training steps (null: after each pass only)",
+    "eval_every_steps": "also validate every N training steps (null: off)",
+    "eval_every_targets": "also validate every N trained targets, i.e. loss positions "
+                          "(null: off; with neither, after each pass only)",
     "max_valid_drop": "stop once validation AUC falls this far below its best (null: "
                       "patience only)",
     "epochs": "passes over the training split",
@@ -95,7 +97,8 @@ class TrainConfig:
     embedding_l2: float = 1e-4       # L2 on the embedding rows a batch touches, per sample
     warmup_steps: int = 50           # linear learning-rate warm-up over this many steps
     lr_plateau_factor: float = 0.5   # lr *= this after an evaluation without improvement
-    eval_every_steps: int | None = 400  # also evaluate every N steps within a pass
+    eval_every_steps: int | None = None  # also evaluate every N steps within a pass
+    eval_every_targets: int | None = 32768  # ... and every N trained targets (loss positions)
     max_valid_drop: float | None = 0.005  # stop once valid AUC is this far below its best
     seed: int = 0
 
@@ -130,6 +133,7 @@ class TrialConfig:
     warmup_steps: int = TrainConfig.warmup_steps
     lr_plateau_factor: float = TrainConfig.lr_plateau_factor
     eval_every_steps: int | None = TrainConfig.eval_every_steps
+    eval_every_targets: int | None = TrainConfig.eval_every_targets
     max_valid_drop: float | None = TrainConfig.max_valid_drop
     epochs: int = TrainConfig.epochs
     patience: int = TrainConfig.patience
@@ -188,10 +192,10 @@ class TrialConfig:
 
 # Fields whose default is None take None or this type; every other field takes its default's.
 OPTIONAL_TYPES = {"eval_batch_size": int, "max_steps_per_epoch": int, "fault": str,
-                  "eval_every_steps": int,
+                  "eval_every_steps": int, "eval_every_targets": int,
                   "no_learning_margin": float, "max_valid_drop": float}
 # Fields with a default that also take None (meaning: off).
-NULLABLE = ("no_learning_margin", "eval_every_steps", "max_valid_drop")
+NULLABLE = ("no_learning_margin", "eval_every_steps", "eval_every_targets", "max_valid_drop")
 TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
               dict: "a mapping"}
 
@@ -220,7 +224,7 @@ RULES: dict[str, tuple[Any, str]] = {
        ("seed", "no_learning_epochs", "warmup_steps", "weight_decay", "embedding_l2",
         "grad_clip")},
     **{k: (lambda v: v is None or v >= 1, "a positive integer or null") for k in
-       ("max_steps_per_epoch", "eval_batch_size", "eval_every_steps")},
+       ("max_steps_per_epoch", "eval_batch_size", "eval_every_steps", "eval_every_targets")},
     "dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "lr": (lambda v: v > 0, "> 0"),
     "lr_plateau_factor": (lambda v: 0 < v <= 1, "a number in (0, 1] (1: no decay)"),

@@ -224,3 +224,53 @@ def test_documented_commands_run(page, scratch):
         printed.append((raw, done.stdout))
     if page in CHECKS:
         CHECKS[page]((REPO / page).read_text(), printed, scratch)
+
+
+# -- docs/results.md tables that trace to committed study tables ---------------------------------
+RESULTS = REPO / "docs" / "results"
+
+
+def table_after(text: str, heading: str) -> list[list[str]]:
+    """Body rows (cells stripped of ** and spaces) of the first markdown table after `heading`."""
+    lines = text.split(heading, 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip().strip("*").strip() for c in line.strip().strip("|").split("|")])
+    return rows
+
+
+def largest_fall(history: str) -> float:
+    """How far validation AUC fell below its best before the run stopped (0: never)."""
+    aucs = [r["valid_auc"] for r in json.loads(history)]
+    best = np.maximum.accumulate(aucs)
+    return float(max(best - aucs)) if aucs else float("nan")
+
+
+def test_backbone_table_traces_to_the_committed_study():
+    """Every figure of docs/results.md "The backbone" equals what docs/results/backbone/
+    trials.csv (the study's trials table) gives: mean ± 95% CI over seeds, seeds, train time
+    and the largest fall of validation AUC below its best."""
+    from malloc_ray.study.stats import ci95
+
+    trials = pd.read_csv(RESULTS / "backbone" / "trials.csv")
+    rows = table_after((REPO / "docs" / "results.md").read_text(), "## The backbone")
+    assert {(r[0], r[1]) for r in rows} == set(zip(trials["dataset"], trials["method"]))
+    for dataset, model, auc, gauc, logloss, seeds, train, fall, _machine in rows:
+        mine = trials[(trials["dataset"] == dataset) & (trials["method"] == model)]
+        assert (mine["status"] == "ok").all(), (dataset, model)
+        for cell, metric in ((auc, "auc"), (gauc, "gauc")):
+            mean, _, half = cell.partition(" ± ")
+            assert float(mean) == round(mine[metric].mean(), 4), (dataset, model, metric)
+            if half:
+                assert float(half) == round(ci95(mine[metric]), 4), (dataset, model, metric)
+        if logloss != "–":
+            assert float(logloss) == round(mine["logloss"].mean(), 4), (dataset, model)
+        assert int(seeds) == len(mine), (dataset, model)
+        if train != "–":
+            assert float(train.rstrip(" s")) == round(mine["train_seconds"].mean()), (dataset, model)
+        if fall != "–":
+            falls = [largest_fall(h) for h in mine["history"]]
+            assert float(fall) == round(max(falls), 4), (dataset, model)

@@ -157,6 +157,16 @@ def test_a_fall_below_the_best_stops_before_the_patience_is_spent():
     assert kept["epochs_run"] == 4  # a smaller fall: patience decides
 
 
+def test_a_dip_before_the_model_learned_anything_is_left_to_the_patience():
+    steps, flat = 5, [0.04, 0.0, 0.0, 0.0, 0.0, 0.0]
+    cfg = dict(epochs=6, patience=3, max_steps_per_epoch=steps, no_learning_margin=0.1)
+    curve = [r["valid_auc"] for r in run(Scripted(flat, steps), TrainConfig(
+        **cfg, max_valid_drop=None))["history"]]
+    assert curve[0] - curve[1] > 0.001 and max(curve) < 0.6  # a dip, below "learned"
+    result = run(Scripted(flat, steps), TrainConfig(**cfg, max_valid_drop=0.001))
+    assert result["epochs_run"] == 4  # not stopped at the dip: the patience ran out
+
+
 @pytest.mark.parametrize("scale, reason", [(math.nan, "loss"), (1e9, "gradient norm")])
 def test_divergence_is_a_result(scale, reason):
     model = TargetLogReg()
@@ -224,6 +234,31 @@ def test_eval_every_steps_evaluates_within_a_pass_and_patience_counts_evaluation
     stopped = run(BiasOnly(), TrainConfig(lr=0.05, epochs=5, patience=1, eval_every_steps=5,
                                           no_learning_margin=None))
     assert [(r["pass"], r["step"]) for r in stopped["history"]] == [(0, 5), (0, 10)]
+
+
+class CountsPositions(TargetLogReg):
+    """Says how many targets a batch trains (a loss on every real position, as CTRModel's
+    `loss_positions: all`)."""
+
+    def loss_targets(self, batch):
+        return batch["lengths"].sum()
+
+
+def test_eval_every_targets_counts_the_targets_a_model_trains_on():
+    per_batch = [int(b["lengths"].sum()) for b in TRAIN]
+    every = sum(per_batch[:3])  # the first three batches of pass 0 in file order
+    order = np.random.default_rng(0).permutation(len(TRAIN))  # pass 0's shuffle
+    counted = np.cumsum([per_batch[i] for i in order])
+    first = int(np.argmax(counted >= every)) + 1  # the step that reaches `every`
+    seen = []
+    run(CountsPositions(), TrainConfig(lr=0.05, epochs=1, patience=50, eval_every_targets=every,
+                                       max_valid_drop=None), on_epoch=seen.append)
+    assert seen[0]["step"] == first and seen[-1]["step"] == 20  # and the pass's end
+    assert 20 // 4 <= len(seen) <= 20  # several evaluations within the pass, each >= 1 step
+    plain = []  # a model that does not say: one target per sample (64 a batch here)
+    run(TargetLogReg(), TrainConfig(lr=0.05, epochs=1, patience=50, eval_every_targets=64 * 5,
+                                    max_valid_drop=None), on_epoch=plain.append)
+    assert [r["step"] for r in plain] == [5, 10, 15, 20]
 
 
 def test_embedding_l2_shrinks_only_the_rows_a_batch_touches():

@@ -87,6 +87,12 @@ class CTRModel(nn.Module):
             x = block(x, pos, valid)
         return self.head(x[:, 0::2])
 
+    def loss_targets(self, batch) -> torch.Tensor:
+        """How many targets `loss` trains on: the loop's evaluation cadence counts these."""
+        if self.loss_positions == "last":
+            return batch["labels"].shape[0]
+        return batch["lengths"].sum()
+
     def loss(self, batch) -> torch.Tensor:
         logits, labels = self.logits(batch), batch["labels"].float()
         if self.loss_positions == "last":
