@@ -99,7 +99,7 @@ class TrainConfig:
     lr_plateau_factor: float = 0.5   # lr *= this after an evaluation without improvement
     eval_every_steps: int | None = None  # also evaluate every N steps within a pass
     eval_every_targets: int | None = 32768  # ... and every N trained targets (loss positions)
-    max_valid_drop: float | None = 0.005  # stop once valid AUC is this far below its best
+    max_valid_drop: float | None = 0.01  # stop once valid AUC is this far below its best
     seed: int = 0
 
     def __post_init__(self):
