@@ -174,17 +174,27 @@ def collate_rows(arrays: UserArrays, rows, max_len: int) -> dict[str, torch.Tens
 def local_batches(ds: Dataset, split: str, batch_size: int, max_len: int,
                   loss_positions: str = "last", shuffle: bool = False, seed: int = 0,
                   drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches in plain Python; shuffled batches are grouped by window length.
+    """Batches in plain Python; shuffled, seeded; with a loss on the target only, grouped by
+    window length.
 
     A batch is padded to its longest window, so on sparse data (most histories a few items
-    long, a few hundreds) random batches cost nearly the full max_len each. Shuffling
-    therefore draws a seeded permutation, sorts each run of `GROUP_BATCHES` batches' worth of
-    samples by window length, cuts it into batches and shuffles the batch order: every sample
-    once per pass, batches of similar lengths, a different mix each seed (the "group by
-    length" sampler of NLP trainers)."""
+    long, a few hundreds) random batches cost nearly the full max_len each. With
+    `loss_positions: last` shuffling therefore draws a seeded permutation, sorts each run of
+    `GROUP_BATCHES` batches' worth of samples by window length, cuts it into batches and
+    shuffles the batch order: every sample once per pass, batches of similar lengths, a
+    different mix each seed (the "group by length" sampler of NLP trainers). Each window has
+    one target there, so the batch mean weighs every target alike either way. Not with a loss
+    on every position: its batch mean is over the batch's real positions, and batches of only
+    short windows would weigh their few targets as much as a batch of full ones (measured:
+    two methods of the synthetic amazon profile fell below 0.6 test AUC)."""
+    loss_positions = resolve_loss_positions(ds, loss_positions)
     rows = select_samples(ds, split, max_len, loss_positions)
     columns = {k: rows[k].to_numpy() for k in _SAMPLE_COLUMNS if k in rows}
-    if shuffle:
+    if shuffle and loss_positions == "all":
+        order = np.random.default_rng(seed).permutation(len(rows))
+        stop = len(order) - len(order) % batch_size if drop_last else len(order)
+        batches = [order[lo:lo + batch_size] for lo in range(0, stop, batch_size)]
+    elif shuffle:
         batches = _length_grouped(np.minimum(columns["prefix_len"], max_len), batch_size,
                                   np.random.default_rng(seed), drop_last)
     else:
