@@ -273,6 +273,6 @@ def test_backbone_table_traces_to_the_committed_study():
         assert int(seeds) == len(mine), (dataset, model)
         if train != "–":
             assert float(train.rstrip(" s")) == round(mine["train_seconds"].mean()), (dataset, model)
-        if fall != "–":  # the library models' trainer keeps no curve
+        if fall != "–":  # the baselines keep no curve, nor does the library models' trainer
             falls = [largest_fall(h) for h in mine["history"]]
             assert float(fall) == round(max(falls), 4), (dataset, model)
