@@ -46,7 +46,8 @@ REPO = Path(__file__).resolve().parents[1]
 RAY_BIN = Path(sys.executable).parent / "ray"
 # The smallest study with two cells: one ok, one that diverges (so --retry-failed re-runs it).
 TRIAL = {"d_model": 8, "num_heads": 2, "max_len": 8, "batch_size": 64, "epochs": 1,
-         "patience": 1, "lr": 0.05, "loader": "local"}
+         "patience": 1, "lr": 0.05, "loader": "local",
+         "warmup_steps": 0}  # the default warm-up is longer than these whole trials
 # What a fault-free run must reproduce exactly (CPU): everything but times and run ids.
 SAME = ["trial_id", "dataset", "dataset_id", "method", "depth", "seed", "status", "failed_epoch",
         "auc", "gauc", "logloss", "valid_auc", "best_epoch", "epochs_run", "kv_bytes_per_user",
