@@ -190,16 +190,14 @@ def local_batches(ds: Dataset, split: str, batch_size: int, max_len: int,
     loss_positions = resolve_loss_positions(ds, loss_positions)
     rows = select_samples(ds, split, max_len, loss_positions)
     columns = {k: rows[k].to_numpy() for k in _SAMPLE_COLUMNS if k in rows}
-    if shuffle and loss_positions == "all":
-        order = np.random.default_rng(seed).permutation(len(rows))
-        stop = len(order) - len(order) % batch_size if drop_last else len(order)
-        batches = [order[lo:lo + batch_size] for lo in range(0, stop, batch_size)]
-    elif shuffle:
+    if shuffle and loss_positions == "last":
         batches = _length_grouped(np.minimum(columns["prefix_len"], max_len), batch_size,
                                   np.random.default_rng(seed), drop_last)
     else:
-        stop = len(rows) - len(rows) % batch_size if drop_last else len(rows)
-        batches = [np.arange(lo, min(lo + batch_size, stop)) for lo in range(0, stop, batch_size)]
+        order = (np.random.default_rng(seed).permutation(len(rows)) if shuffle
+                 else np.arange(len(rows)))
+        stop = len(order) - len(order) % batch_size if drop_last else len(order)
+        batches = [order[lo:lo + batch_size] for lo in range(0, stop, batch_size)]
     for take in batches:
         yield collate_rows(ds.arrays, {k: v[take] for k, v in columns.items()}, max_len)
 

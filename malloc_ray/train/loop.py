@@ -152,6 +152,7 @@ def _train_steps(model, optimizer, schedule, reg: EmbeddingL2, batches, limit: i
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
     total_loss, steps, samples = 0.0, 0, 0
     for batch in batches:
+        targets += _targets(model, batch)  # counted on the host batch: no device sync
         batch = _to_device(batch, device)
         optimizer.zero_grad(set_to_none=True)
         loss = model.loss(batch)
@@ -168,7 +169,6 @@ def _train_steps(model, optimizer, schedule, reg: EmbeddingL2, batches, limit: i
         total_loss += loss_value
         steps += 1
         samples += batch["labels"].shape[0]
-        targets += _targets(model, batch)
         if steps >= limit or targets >= target_limit:
             return total_loss / steps, samples, steps, False
     return (total_loss / steps if steps else math.nan), samples, steps, True
