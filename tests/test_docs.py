@@ -7,8 +7,11 @@ Conventions the docs follow:
 * the README's set-up commands start with `python3 -m venv .venv && .venv/bin/pip install ...`:
   the install is what CI itself runs, so here it is dropped and the rest of the line is run in
   the same environment; the test command itself is CI's only step and is not run again;
-* `benchmarks/*.py` commands get `--smoke-test` (a full benchmark takes minutes to hours; its
-  figures are recorded in docs/benchmarks.md);
+* `benchmarks/*.py` commands run in tests/test_benchmarks.py, once each, with `--smoke-test`
+  (a full benchmark takes minutes to hours; its figures are recorded in docs/benchmarks.md);
+* a `malloc-ray study run` a page repeats from an earlier page (the quickstart, which several
+  pages show before using its study) is not run again: the study it made is what the page
+  reads (re-running a finished study is `study resume` on docs/study.md, which does run);
 * `mlflow ui` is started on a free port, must answer HTTP 200, and is stopped.
 Inputs a command reads that the docs tell users to bring (a log.csv, reczoo downloads) are
 generated before the commands of that page run.
@@ -192,12 +195,21 @@ def _check_mlflow_ui(command: str, root: Path) -> None:
         proc.wait(timeout=30)
 
 
+_STUDIES_RUN: set[str] = set()  # study commands run so far (the pages share one scratch repo)
+
+
 def _prepare(command: str) -> str | None:
     if INSTALL.match(command):
-        rest = INSTALL.sub("", command)
-        return None if "pytest" in rest else rest  # the test command is CI's own step
+        command = INSTALL.sub("", command)
+        if "pytest" in command:
+            return None  # the test command is CI's own step
     if re.search(r"(^|\s)(python\s+)?benchmarks/\S+\.py", command):
-        return command + " --smoke-test"
+        return None  # tests/test_benchmarks.py runs the page's benchmark commands
+    study = re.sub(r"^(\.venv/bin/)?", "", command)
+    if study.startswith("malloc-ray study run "):
+        if study in _STUDIES_RUN:
+            return None
+        _STUDIES_RUN.add(study)
     return command
 
 
