@@ -21,6 +21,10 @@ LOADERS = ("local", "ray")
 # scores explicit candidates (its histories hold interactions only, so only the target can be
 # a negative), then "last" -- resolved per dataset by `loader.resolve_loss_positions`.
 LOSS_POSITIONS = ("auto", "all", "last")
+# The training split's candidate-only negatives: kept as prepared, or redrawn every pass with
+# the sampler that drew them; "auto": "fresh" where the dataset says its negatives were drawn
+# (meta "negatives": "uniform"), else "fixed" -- resolved by `loader.resolve_train_negatives`.
+TRAIN_NEGATIVES = ("auto", "fixed", "fresh")
 EVAL_PROTOCOLS = ("window", "stream")  # a fresh window per target, or serving replay per user
 
 
@@ -36,7 +40,7 @@ CUDA_EVAL_BATCH = 256
 
 # Fields with a fixed set of values (the CLI offers them as choices).
 CHOICES = {"device": DEVICES, "loader": LOADERS, "loss_positions": LOSS_POSITIONS,
-           "eval_protocol": EVAL_PROTOCOLS}
+           "train_negatives": TRAIN_NEGATIVES, "eval_protocol": EVAL_PROTOCOLS}
 # One line of help per field, where the name alone does not say it (the CLI shows them).
 FIELD_HELP = {
     "dataset": "prepared dataset directory (malloc-ray data prepare)",
@@ -47,6 +51,8 @@ FIELD_HELP = {
     "label_carries_item": "label token = label + item embedding (docs/model.md)",
     "loss_positions": "train on every item of a window or on its target only (auto: all, or last "
                       "where the dataset scores candidates)",
+    "train_negatives": "training negatives as prepared (fixed) or redrawn every pass (fresh; "
+                       "auto: fresh where the dataset drew them itself)",
     "eval_batch_size": "evaluation batch (default: sized for the device)",
     "weight_decay": "AdamW decay of weight matrices (not embeddings, biases, norms)",
     "embedding_l2": "L2 on the embedding rows a batch touches, per sample",
@@ -122,6 +128,7 @@ class TrialConfig:
     silu_qkv: bool = True            # SiLU on u,q,k,v (ArkHSTU) or on u only
     label_carries_item: bool = True  # label token = label + item embedding (docs/model.md)
     loss_positions: str = "auto"
+    train_negatives: str = "auto"
     hparams: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 64
     eval_batch_size: int | None = None  # None: sized for the device (default_eval_batch_size)
@@ -215,6 +222,7 @@ RULES: dict[str, tuple[Any, str]] = {
     "device": (lambda v: v in DEVICES, f"one of {DEVICES}"),
     "loader": (lambda v: v in LOADERS, f"one of {LOADERS}"),
     "loss_positions": (lambda v: v in LOSS_POSITIONS, f"one of {LOSS_POSITIONS}"),
+    "train_negatives": (lambda v: v in TRAIN_NEGATIVES, f"one of {TRAIN_NEGATIVES}"),
     "eval_protocol": (lambda v: v in EVAL_PROTOCOLS, f"one of {EVAL_PROTOCOLS}"),
     # patience 0 would end every trial after its first evaluation
     **{k: (_positive, "a positive integer") for k in

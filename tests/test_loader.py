@@ -179,3 +179,36 @@ def test_ray_batches_read_rows_selected_by_the_driver(ds, ray_cluster):
     one = list(ray_batches(ds, samples=selected, seed=5, **args))
     assert _rows(one) == _rows(local_batches(ds, "train", 40, 12))
     assert one[0]["user"].tolist() != next(local_batches(ds, "train", 40, 12))["user"].tolist()
+
+
+def test_ray_batches_redraw_fresh_negatives_like_the_local_loader(tmp_path, ray_cluster):
+    """The Ray loader redraws a dataset's own negatives per batch: the same samples and
+    positives as with fixed negatives, new untouched items for the negatives, the same draw
+    for the same seed whatever thread collates a batch."""
+    lines = [f"{u} " + " ".join(str(10 * u + k) for k in range(1, 6 + u % 5)) for u in range(1, 40)]
+    path = tmp_path / "seqs.txt"
+    path.write_text("\n".join(lines) + "\n")
+    prepare("sequences", tmp_path / "seq", path=str(path), negatives=2, seed=0)
+    seq = load_dataset(tmp_path / "seq")
+    args = dict(split="train", batch_size=16, max_len=6, shuffle=True, seed=4)
+
+    def rows(batches):
+        return sorted((int(u), tuple(i for i in items if i), int(y)) for b in batches
+                      for u, items, y in zip(b["user"], b["items"].tolist(), b["labels"][:, -1]))
+
+    fixed = rows(local_batches(seq, **args))  # rows sorted: the two shuffles' orders differ
+    fresh = rows(ray_batches(seq, negatives="fresh", **args))
+    from malloc_ray.data.loader import _window_collate_class, touched_keys
+
+    collate_fn = _window_collate_class()(seq.arrays, 6, (seq.meta["vocab_size"], 4, touched_keys(
+        seq.arrays, seq.meta["vocab_size"])))
+    part = {k: seq.samples[k].to_numpy()[:20] for k in ("user", "prefix_len", "candidate", "label")}
+    assert torch.equal(collate_fn(part)["items"], collate_fn(dict(part))["items"])  # seeded by rows
+    assert [r for r in fixed if r[2] == 1] == [r for r in fresh if r[2] == 1]
+    assert [r[1][:-1] for r in fixed] != [] and sorted(r[1][:-1] for r in fixed) == sorted(
+        r[1][:-1] for r in fresh)  # every history as it was
+    assert sorted(r[1][-1] for r in fixed if r[2] == 0) != sorted(
+        r[1][-1] for r in fresh if r[2] == 0)
+    off, items = seq.arrays.offsets, seq.arrays.items
+    assert all(r[1][-1] not in set(items[off[r[0]]:off[r[0] + 1]].tolist())
+               for r in fresh if r[2] == 0)

@@ -97,3 +97,72 @@ def test_real_toys_sequences_through_the_cli(tmp_path, capsys):
     ds = load_dataset(out)
     assert len(ds.samples) == 2 * (167_597 - 19_412)
     assert np.array_equal(np.diff(ds.offsets), ds.samples.groupby("user")["user_len"].first())
+
+
+# -- fresh negatives: the training split's negatives redrawn every pass ----------------------
+def _seq_dataset(tmp_path, negatives=2):
+    lines = [f"{u} " + " ".join(str(10 * u + k) for k in range(1, 6 + u % 7)) for u in range(1, 60)]
+    prepare("sequences", tmp_path / "ds", path=str(_write(tmp_path, "\n".join(lines) + "\n")),
+            negatives=negatives, seed=1)
+    return load_dataset(tmp_path / "ds")
+
+
+def _train_rows(batches):
+    out = []
+    for b in batches:
+        for u, items, label in zip(b["user"].tolist(), b["items"].tolist(),
+                                   b["labels"][:, -1].tolist()):
+            out.append((u, tuple(i for i in items[:-1] if i), items[-1], label))
+    return sorted(out)
+
+
+def test_auto_redraws_only_what_the_dataset_drew_itself(tmp_path):
+    from malloc_ray.data.loader import resolve_train_negatives
+
+    ds = _seq_dataset(tmp_path)
+    assert ds.meta["negatives"] == "uniform"
+    assert resolve_train_negatives(ds, "auto") == "fresh"
+    assert resolve_train_negatives(ds, "fixed") == "fixed"
+    prepare("synthetic", tmp_path / "syn", profile="amazon", users=40, seed=0)
+    logged = load_dataset(tmp_path / "syn")
+    assert logged.meta["negatives"] is None
+    assert resolve_train_negatives(logged, "auto") == "fixed"
+    with pytest.raises(InputError, match="train_negatives"):
+        resolve_train_negatives(logged, "fresh")
+
+
+def test_fresh_negatives_are_new_untouched_items_each_pass_and_positives_stay(tmp_path):
+    ds = _seq_dataset(tmp_path)
+    args = dict(split="train", batch_size=16, max_len=6, shuffle=True)
+    fixed = _train_rows(local_batches(ds, seed=0, negatives="fixed", **args))
+    pass0 = _train_rows(local_batches(ds, seed=0, negatives="fresh", **args))
+    pass1 = _train_rows(local_batches(ds, seed=1, negatives="fresh", **args))
+    assert _train_rows(local_batches(ds, seed=0, negatives="fresh", **args)) == pass0  # seeded
+    pos = lambda rows: [r for r in rows if r[3] == 1]
+    assert pos(fixed) == pos(pass0) == pos(pass1)  # positives and every history unchanged
+    assert [r[:2] for r in fixed] == [r[:2] for r in pass0]  # the same samples
+    negs = lambda rows: [r[2] for r in rows if r[3] == 0]
+    changed = np.mean(np.array(negs(pass0)) != np.array(negs(pass1)))
+    assert changed > 0.9, changed  # a new draw, not the prepared one
+    seen = {u: set() for u in range(len(ds.arrays.offsets) - 1)}
+    for u in seen:
+        seen[u] = set(ds.arrays.items[ds.arrays.offsets[u]:ds.arrays.offsets[u + 1]].tolist())
+    for rows in (pass0, pass1):
+        assert all(item not in seen[u] and 0 < item < ds.meta["vocab_size"]
+                   for u, _, item, label in rows if label == 0)
+
+
+def test_a_trial_records_and_applies_fresh_negatives(tmp_path):
+    from malloc_ray.config import TrialConfig, config_hash
+    from malloc_ray.train import trial
+
+    ds = _seq_dataset(tmp_path)
+    cfg = TrialConfig(dataset=str(tmp_path / "ds"), max_len=6, batch_size=16)
+    assert cfg.to_dict()["train_negatives"] == "auto"  # in the config, so in the trial id
+    train, valid, _ = trial.batch_factories(cfg, ds)
+    assert _train_rows(train(0)) != _train_rows(train(1))
+    fixed = TrialConfig(dataset=str(tmp_path / "ds"), max_len=6, batch_size=16,
+                        train_negatives="fixed")
+    assert config_hash(fixed, "d") != config_hash(cfg, "d")
+    _, valid_fixed, _ = trial.batch_factories(fixed, ds)
+    assert _train_rows(valid()) == _train_rows(valid_fixed())  # evaluation never redraws

@@ -10,6 +10,7 @@ Rows are left-padded with item 0 / label 0 to the batch's longest window. Both i
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -20,7 +21,7 @@ import pandas as pd
 import pyarrow.compute as pc
 import torch
 
-from malloc_ray.config import LOSS_POSITIONS
+from malloc_ray.config import LOSS_POSITIONS, TRAIN_NEGATIVES
 from malloc_ray.data.prepare import SPLITS, last_train_prefix, read_meta
 from malloc_ray.errors import InputError
 from malloc_ray.files import read_parquet
@@ -173,7 +174,8 @@ def collate_rows(arrays: UserArrays, rows, max_len: int) -> dict[str, torch.Tens
 
 def local_batches(ds: Dataset, split: str, batch_size: int, max_len: int,
                   loss_positions: str = "last", shuffle: bool = False, seed: int = 0,
-                  drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+                  drop_last: bool = False, negatives: str = "fixed"
+                  ) -> Iterator[dict[str, torch.Tensor]]:
     """Batches in plain Python; shuffled, seeded; with a loss on the target only, grouped by
     window length.
 
@@ -186,10 +188,17 @@ def local_batches(ds: Dataset, split: str, batch_size: int, max_len: int,
     one target there, so the batch mean weighs every target alike either way. Not with a loss
     on every position: its batch mean is over the batch's real positions, and batches of only
     short windows would weigh their few targets as much as a batch of full ones (measured:
-    two methods of the synthetic amazon profile fell below 0.6 test AUC)."""
+    two methods of the synthetic amazon profile fell below 0.6 test AUC).
+
+    `negatives` "fresh" (or "auto" on a dataset that drew its own): every negative candidate
+    redrawn for this pass (`redraw_negatives`, seeded by `seed`)."""
     loss_positions = resolve_loss_positions(ds, loss_positions)
     rows = select_samples(ds, split, max_len, loss_positions)
     columns = {k: rows[k].to_numpy() for k in _SAMPLE_COLUMNS if k in rows}
+    if resolve_train_negatives(ds, negatives) == "fresh":
+        columns["candidate"] = redraw_negatives(
+            ds.arrays, ds.meta["vocab_size"], columns["user"], columns["candidate"],
+            columns["label"], np.random.default_rng([seed, _REDRAW_STREAM]))
     if shuffle and loss_positions == "last":
         batches = _length_grouped(np.minimum(columns["prefix_len"], max_len), batch_size,
                                   np.random.default_rng(seed), drop_last)
@@ -203,6 +212,55 @@ def local_batches(ds: Dataset, split: str, batch_size: int, max_len: int,
 
 
 GROUP_BATCHES = 50  # batches per length-sorted run of a shuffled pass
+_REDRAW_STREAM = 1  # a negatives draw's seed is (seed, this): not the shuffle's stream
+_MAX_REDRAWS = 64  # rounds of redrawing a negative that hit an item its user touched
+
+
+def resolve_train_negatives(ds: Dataset, negatives: str) -> str:
+    """"auto" -> "fresh" where the dataset drew its negatives itself (meta "negatives":
+    "uniform", e.g. `prepare sequences`), else "fixed"; "fresh" needs such a dataset."""
+    if negatives not in TRAIN_NEGATIVES:
+        raise InputError(f"must be one of {TRAIN_NEGATIVES}, got {negatives!r}",
+                         key="train_negatives")
+    drawn = ds.meta.get("negatives") == "uniform"
+    if negatives == "fresh" and not drawn:
+        raise InputError(f"dataset {ds.meta['name']!r} has no negatives drawn by a known "
+                         "sampler (they are logged, or there are none): they cannot be "
+                         "redrawn; use fixed", key="train_negatives")
+    if negatives == "auto":
+        return "fresh" if drawn else "fixed"
+    return negatives
+
+
+def touched_keys(arrays: UserArrays, vocab_size: int) -> np.ndarray:
+    """Sorted user * vocab_size + item keys of every interaction (what each user touched)."""
+    users = np.repeat(np.arange(len(arrays.offsets) - 1), np.diff(arrays.offsets))
+    return np.sort(users * vocab_size + arrays.items.astype(np.int64))
+
+
+def redraw_negatives(arrays: UserArrays, vocab_size: int, user, candidate, label,
+                     rng: np.random.Generator, keys: np.ndarray | None = None) -> np.ndarray:
+    """`candidate` with every negative (label 0) replaced by an item drawn uniformly from the
+    items its user never touched: the sampler that drew them at prepare time
+    (sources/sequences.py), drawn again, so that no pass sees the negatives of another and a
+    model cannot memorise them (with fixed ones, Amazon Toys' validation AUC fell at the
+    start of every pass; docs/training.md). A negative still touched after `_MAX_REDRAWS`
+    rounds keeps its prepared item. Positives are never changed."""
+    keys = touched_keys(arrays, vocab_size) if keys is None else keys
+    out = np.array(candidate, dtype=np.int64)
+    owner = np.asarray(user, dtype=np.int64)
+    todo = np.flatnonzero(np.asarray(label) == 0)
+    if not len(keys):
+        return out
+    for _ in range(_MAX_REDRAWS):
+        if not len(todo):
+            return out
+        out[todo] = rng.integers(1, vocab_size, len(todo))
+        wanted = owner[todo] * vocab_size + out[todo]
+        hit = keys[np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)] == wanted
+        todo = todo[hit]
+    out[todo] = np.asarray(candidate)[todo]
+    return out
 
 
 def _length_grouped(widths: np.ndarray, batch_size: int, rng: np.random.Generator,
@@ -245,8 +303,8 @@ def ray_samples(ds: Dataset, split: str | None = None, max_len: int | None = Non
 
 def ray_batches(ds: Dataset, split: str, batch_size: int, max_len: int,
                 loss_positions: str = "last", shuffle: bool = False, seed: int = 0,
-                drop_last: bool = False, samples=None, device: str = "cpu"
-                ) -> Iterator[dict[str, torch.Tensor]]:
+                drop_last: bool = False, samples=None, device: str = "cpu",
+                negatives: str = "fixed") -> Iterator[dict[str, torch.Tensor]]:
     """The same batches as `local_batches`, fed by Ray Data.
 
     `samples` (default: `ray_samples(ds)`) is a ray.data.Dataset holding either the whole
@@ -255,7 +313,9 @@ def ray_batches(ds: Dataset, split: str, batch_size: int, max_len: int,
     or a DataIterator shard (`streaming_split`, `ray.train.get_dataset_shard`) of selected rows,
     read as it comes (shuffle before splitting). Shuffling is Ray's seeded local shuffle
     buffer, which runs in this process rather than as cluster tasks. `ds` always supplies
-    the sequences.
+    the sequences. Fresh negatives (`negatives`, as in `local_batches`) are redrawn batch by
+    batch, seeded by `seed` and the batch's rows (so the draw does not depend on which thread
+    collates which batch).
     """
     import ray.data
 
@@ -277,8 +337,12 @@ def ray_batches(ds: Dataset, split: str, batch_size: int, max_len: int,
     elif shuffle:
         raise InputError("cannot shuffle a DataIterator shard; shuffle the dataset before "
                          "splitting it", key="shuffle")
+    fresh = None
+    if resolve_train_negatives(ds, negatives) == "fresh":
+        fresh = (ds.meta["vocab_size"], seed, touched_keys(ds.arrays, ds.meta["vocab_size"]))
     return samples.iter_torch_batches(batch_size=batch_size, drop_last=drop_last,
-                                      collate_fn=_window_collate_class()(ds.arrays, max_len),
+                                      collate_fn=_window_collate_class()(ds.arrays, max_len,
+                                                                         fresh),
                                       device=device, **shuffle_args)
 
 
@@ -321,11 +385,19 @@ def _window_collate_class() -> type:
     class WindowCollate(NumpyBatchCollateFn):
         """Numpy batch of sample rows -> `collate` (Ray 2.60 deprecates plain functions)."""
 
-        def __init__(self, arrays: UserArrays, max_len: int):
+        def __init__(self, arrays: UserArrays, max_len: int, fresh=None):
             super().__init__()
-            self.arrays, self.max_len = arrays, max_len
+            self.arrays, self.max_len, self.fresh = arrays, max_len, fresh
 
         def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+            if self.fresh is not None:
+                vocab, seed, keys = self.fresh
+                rows = zlib.crc32(np.ascontiguousarray(batch["user"], dtype=np.int64).tobytes()
+                                  + np.ascontiguousarray(batch["prefix_len"],
+                                                         dtype=np.int64).tobytes())
+                batch = {**batch, "candidate": redraw_negatives(
+                    self.arrays, vocab, batch["user"], batch["candidate"], batch["label"],
+                    np.random.default_rng([seed, _REDRAW_STREAM, rows]), keys)}
             return collate_rows(self.arrays, batch, self.max_len)
 
     return WindowCollate

@@ -110,7 +110,7 @@ def write_dataset(log: InteractionLog, out: str | Path, *, name: str, source: di
     say(f"{len(seqs.lengths):,} users, {len(seqs.items):,} interactions, "
         f"{len(seqs.raw_items):,} items, {len(samples['user']):,} samples"
         + (f" ({seqs.dropped_users:,} short users dropped)" if seqs.dropped_users else ""))
-    meta = _meta(seqs, samples, name, source)
+    meta = _meta(seqs, samples, name, source, log.negatives)
     leak = audit.leak_message(name, meta["stats"]["label_stream_auc"])
     if leak and strict:
         raise InputError(f"{leak}; refusing to write it (--strict)", file=str(out))
@@ -258,7 +258,8 @@ def dataset_id(seqs: Sequences, samples: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _meta(seqs: Sequences, samples: dict[str, np.ndarray], name: str, source: dict) -> dict:
+def _meta(seqs: Sequences, samples: dict[str, np.ndarray], name: str, source: dict,
+          negatives: str | None = None) -> dict:
     split_counts = np.bincount(samples["split"], minlength=len(SPLITS))
     # Scored targets: with candidates the history holds only interactions, so its labels
     # would say nothing of the negatives.
@@ -278,7 +279,9 @@ def _meta(seqs: Sequences, samples: dict[str, np.ndarray], name: str, source: di
             "vocab_size": int(len(seqs.raw_items)) + 1,
             "splits": {s: int(n) for s, n in zip(SPLITS, split_counts)},
             "split_protocol": SPLIT_PROTOCOL, "dropped_users": seqs.dropped_users,
-            "candidates": "candidate" in samples}
+            "candidates": "candidate" in samples,
+            # how the candidate-only negatives were drawn ("uniform"), None: logged ones
+            "negatives": negatives if "candidate" in samples else None}
 
 
 def _write_files(target: Path, seqs: Sequences, samples: dict[str, np.ndarray],

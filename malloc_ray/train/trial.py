@@ -53,7 +53,8 @@ def batch_factories(cfg: TrialConfig, ds, samples: dict | None = None):
         if split != "train" and cfg.eval_protocol == "stream":  # one row per user
             return streams.stream_batches(ds, split, cfg.max_len, size)
         kwargs = dict(split=split, batch_size=size, max_len=cfg.max_len,
-                      loss_positions=cfg.loss_positions, shuffle=shuffle, seed=seed)
+                      loss_positions=cfg.loss_positions, shuffle=shuffle, seed=seed,
+                      negatives=cfg.train_negatives if split == "train" else "fixed")
         if cfg.loader == "ray":
             return loader.ray_batches(ds, samples=(samples or {}).get(split), **kwargs)
         return loader.local_batches(ds, **kwargs)

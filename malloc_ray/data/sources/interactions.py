@@ -39,6 +39,9 @@ class InteractionLog:
     `candidate` marks rows that are scored as candidates only and never enter the history (a
     negative shown beside the interaction that follows it, as DIN's negatives are); None: none.
     Such a row is scored after every history row that sorts before it (docs/data.md).
+    `negatives` names how the candidate-only negatives were made when a reader drew them
+    itself: "uniform" (each from the items its user never touched, uniformly), which training
+    may redraw every pass (TrialConfig.train_negatives); None: logged, kept as they are.
     """
 
     user: np.ndarray  # int64
@@ -48,6 +51,7 @@ class InteractionLog:
     file: str | None = None
     sort_key: np.ndarray | None = None
     candidate: np.ndarray | None = None  # bool
+    negatives: str | None = None
 
     def __len__(self) -> int:
         return len(self.user)

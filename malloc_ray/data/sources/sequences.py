@@ -39,7 +39,7 @@ def read_sequences(path: str | Path, *, negatives: int = 1, seed: int = 0) -> In
         # a negative at prefix p sorts after item p-1 and before item p
         sort_key=np.concatenate([2 * step + 1, 2 * neg_step]),
         candidate=np.concatenate([np.zeros(n_pos, bool), np.ones(n_neg, bool)]),
-        file=str(path))
+        negatives="uniform" if n_neg else None, file=str(path))
 
 
 def _parse(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
