@@ -77,7 +77,8 @@ def print_table(rows: list[tuple], length: int) -> None:
 
 def native_profile(cfg: HSTUConfig, length: int, repeats: int) -> dict[str, float]:
     """Share of a cached Native request's CPU time per kind of op (torch.profiler, self time):
-    copying the cache (Native's step concatenates cache and new token each request), matmuls,
+    copying (aten::cat; Native's step used to concatenate cache and new token on every
+    request, it now sums the two parts of the attention, so this should be near 0), matmuls,
     and the rest (elementwise ops over scores, masks, Python-side small ops)."""
     from torch.profiler import ProfilerActivity, profile
 

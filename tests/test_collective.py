@@ -47,7 +47,9 @@ def test_without_a_global_part_it_is_native(usr_dim):
     batch = random_batch((19, 7, 12, 19, 4), seed=1)
     with torch.no_grad():
         torch.testing.assert_close(model.logits(batch), native.logits(batch), rtol=0, atol=0)
-    torch.testing.assert_close(serve(model, batch), serve(native, batch), rtol=0, atol=0)
+    # Native's request sums the cache's and the own token's attention parts, this one
+    # attends over their concatenation: the same sums grouped differently, equal to rounding
+    torch.testing.assert_close(serve(model, batch), serve(native, batch), rtol=0, atol=1e-6)
     # stores K, V (user parts of full width) and no index or weight: Native's payload bytes
     memory = model.prefill(*history(batch))
     assert set(memory.layers[0].payload) == {"k_usr", "v_usr"}

@@ -3,6 +3,11 @@
 Per layer and user it keeps K and V of every history token, (H, N_c, d_h) each, plus their
 positions. A request runs only the new tokens through the layer and attends over
 [cached K,V ; own k,v]. Exact: it equals recomputing the whole sequence (w/o Mem).
+
+A request never copies the cache: the pointwise weights have no softmax, so the attention is
+computed over the cache and over the own tokens as two sums, added (`pointwise_sum`). An
+append writes the new K,V into spare capacity behind the cache (`append_tokens`, capacity
+doubling); the memory's tensors are views of the used part, which is what bytes count.
 """
 
 from __future__ import annotations
@@ -11,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from malloc_ray.methods.base import Method, TestSetting, register
-from malloc_ray.methods.common.glue import (hstu_layers, join_cached, layer_macs, macs_dict,
-                                            pair_macs, self_mask, token_macs, token_memory)
+from malloc_ray.methods.common.glue import (append_tokens, distance_bias, distance_table,
+                                            hstu_layers, layer_macs, macs_dict, pair_macs,
+                                            pointwise_sum, self_mask, token_macs, token_memory)
 from malloc_ray.model.hstu import (HSTUConfig, merge_heads, pointwise_attention, split_heads,
                                    visibility)
 
@@ -50,19 +56,48 @@ class Native(HSTUAttention):
     # Nothing to compress; ragged lengths so the cache holds left-padded users of all sizes.
     test_settings = (TestSetting(id="ragged", hparams={}, lengths=(23, 9, 5, 17, 23, 12)),)
 
+    # token axis of each tensor of the memory: K, V (B, H, N, d_h); pos, valid (B, N)
+    memory_axes = {"k": 2, "v": 2, "pos": 1, "valid": 1}
+
     def prefill(self, x, pos, valid):
         u, q, k, v = self.project(x)
         y = self.attend(u, q, k, v, pos, pos, valid, self_mask(x.shape[1], 0, x.device))
-        return y, token_memory({"k": k, "v": v}, pos, valid)
+        # k, v are views into f1's whole output (u, q, k, v), 4x what is kept: store copies.
+        # K is stored as (B, H, d_h, N) in memory (and kept as its (B, H, N, d_h) transpose):
+        # a request's q K^T then streams contiguous rows of K^T, at memory speed.
+        k = k.transpose(-1, -2).contiguous().transpose(-1, -2)
+        return y, token_memory({"k": k, "v": v.contiguous()}, pos, valid)
+
+    def attend_part(self, q, k, v, q_pos, k_pos, k_valid, bias_table):
+        """pointwise_sum of queries over some keys, with `attend`'s bias and visibility.
+
+        k_valid (B, Nk) for cached keys; None when the keys are the queries' own tokens (all
+        valid, and each query is its own key: `self_mask`). bias_table: `distance_table`.
+        """
+        if k_valid is None and q.shape[2] == 1:  # one own token: it sees itself, distance 0
+            b, h, _, dh = q.shape
+            h_kv = k.shape[1]  # < h for GQA: query head h reads K,V head h // (h / h_kv)
+            rows = q.reshape(b, h_kv, h // h_kv, dh)
+            w = F.silu(torch.matmul(rows, k.transpose(-1, -2)) + bias_table[0].view(h_kv, -1, 1))
+            return torch.matmul(w, v).view(b, h, 1, v.shape[-1])
+        dist = q_pos[:, :, None] - k_pos[:, None, :]  # (B, Nq, Nk); > 0: the key is earlier
+        see = dist > 0
+        if k_valid is None:
+            see = see | torch.eye(q.shape[2], dtype=torch.bool, device=q.device)
+        else:
+            see = see & k_valid[:, None, :]
+        return pointwise_sum(q, k, v, distance_bias(self.rab, dist, bias_table), see[:, None])
 
     def step(self, x, pos, memory, append):
         u, q, k, v = self.project(x)
-        mem = memory.payload
-        keys, values = torch.cat([mem["k"], k], 2), torch.cat([mem["v"], v], 2)
-        k_pos, k_valid, same = join_cached(memory.metadata["pos"], memory.metadata["valid"], pos)
-        y = self.attend(u, q, keys, values, pos, k_pos, k_valid, same)
+        mem, meta = memory.payload, memory.metadata
+        table = distance_table(self.rab, x.device)
+        av = (self.attend_part(q, mem["k"], mem["v"], pos, meta["pos"], meta["valid"], table)
+              + self.attend_part(q, k, v, pos, pos, None, table))
+        y = u * self.out_norm(merge_heads(av / self.cfg.divisor))
         if append:
-            memory = token_memory({"k": keys, "v": values}, k_pos, k_valid)
+            own = {"pos": pos.to(torch.int32), "valid": torch.ones_like(pos, dtype=torch.bool)}
+            memory = append_tokens(memory, {"k": k, "v": v}, own, self.memory_axes)
         return y, memory
 
     @classmethod
