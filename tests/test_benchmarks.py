@@ -102,3 +102,13 @@ def test_eval_stream_smoke_prints_both_protocols_and_their_ratio():
     assert done.returncode == 0, done.stderr[-3000:]
     assert "window:" in done.stdout and "x window" in done.stdout
     assert "largest metric difference" in done.stdout
+
+
+def test_hstu_layer_smoke_runs_ours_without_the_peer():
+    """docs/benchmarks.md shows it with --peer-root (a work tree of the peer repository, not
+    part of the project); without one it times and measures ours alone."""
+    done = run("hstu_layer.py", "--smoke-test", "--peak-memory")
+    assert done.returncode == 0, done.stderr[-3000:]
+    for phase in ("fwd+bwd", "full forward"):
+        assert f"{phase}" in done.stdout and "ours" in done.stdout
+    assert done.stdout.count("peak memory growth: ours") == 2 and "peer" not in done.stdout

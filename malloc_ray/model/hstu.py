@@ -17,12 +17,18 @@ Two choices that make caching exact (docs/model.md):
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from malloc_ray.model import fast_attention
+
+# No-grad attention over at least this many (query, key) pairs takes the blocked path.
+BLOCKED_MIN_PAIRS = 256 * 256
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,14 @@ def relative_bucket(distance: torch.Tensor, num_buckets: int, max_distance: int)
     return torch.where(distance < exact, distance, far)
 
 
+@functools.lru_cache(maxsize=None)
+def _distance_buckets(num_buckets: int, max_distance: int, device: torch.device) -> torch.Tensor:
+    """relative_bucket of the distances 0..max_distance (a plain tensor, usable in any mode)."""
+    with torch.inference_mode(False):
+        return relative_bucket(torch.arange(max_distance + 1, device=device),
+                               num_buckets, max_distance)
+
+
 class RelativeBias(nn.Module):
     """One learned scalar per (distance bucket, head); distance = query pos - key pos."""
 
@@ -89,8 +103,38 @@ class RelativeBias(nn.Module):
         if q_pos.shape[1] and bool((q_pos - q_pos[:1] == shift).all()
                                    and (k_pos - k_pos[:1] == shift).all()):
             q_pos, k_pos = q_pos[:1], k_pos[:1]
-        dist = q_pos[:, :, None] - k_pos[:, None, :]
-        return self.table(relative_bucket(dist, self.num_buckets, self.max_distance)).permute(0, 3, 1, 2)
+        if q_pos.shape[0] == 1 and _consecutive(q_pos[0]) and _consecutive(k_pos[0]):
+            return self._consecutive_bias(int(q_pos[0, 0]) - int(k_pos[0, 0]),
+                                          q_pos.shape[1], k_pos.shape[1])
+        # Buckets are one-directional: 0 for distance <= 0, num_buckets - 1 from max_distance
+        # on. So the distance, clamped to [0, max_distance], indexes a (H, max_distance + 1)
+        # table of the buckets' biases: no per-pair bucketing, and the gather writes the
+        # (B, H, Nq, Nk) layout the attention reads (its backward is an index_add over the
+        # small table). Same values as bucketing every pair (tests/test_attention_paths.py).
+        dist = (q_pos.to(torch.int32)[:, :, None] - k_pos.to(torch.int32)[:, None, :])
+        dist = dist.clamp_(0, self.max_distance)
+        by_distance = self.table(_distance_buckets(self.num_buckets, self.max_distance,
+                                                   dist.device)).t()  # (H, max_distance + 1)
+        b, nq, nk = dist.shape
+        bias = by_distance.index_select(1, dist.view(-1)).view(-1, b, nq, nk)
+        return bias.transpose(0, 1)
+
+    def _consecutive_bias(self, offset: int, nq: int, nk: int) -> torch.Tensor:
+        """Queries at offset + k_pos[0] + i, keys at k_pos[0] + j: the bias depends on i - j
+        only, one column per diagonal (fast_attention.ToeplitzExpand)."""
+        device = self.table.weight.device
+        diagonal = torch.arange(nq + nk - 1, device=device) + (offset - nk + 1)  # i - j + offset
+        by_distance = self.table(_distance_buckets(self.num_buckets, self.max_distance, device))
+        by_diagonal = by_distance.t().index_select(1, diagonal.clamp_(0, self.max_distance))
+        if torch.is_grad_enabled() and by_diagonal.requires_grad:
+            return fast_attention.ToeplitzExpand.apply(by_diagonal, nq, nk)
+        return fast_attention.toeplitz(by_diagonal, nq, nk).unsqueeze(0)
+
+
+def _consecutive(pos: torch.Tensor) -> bool:
+    """pos (N,) is p0, p0 + 1, ..., p0 + N - 1."""
+    n = pos.shape[0]
+    return n > 0 and bool((pos - pos[0] == torch.arange(n, device=pos.device)).all())
 
 
 def visibility(q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tensor,
@@ -116,14 +160,22 @@ def pointwise_attention_reference(q, k, v, bias, mask, divisor: float) -> torch.
 
 
 def pointwise_attention(q, k, v, bias, mask, divisor: float) -> torch.Tensor:
-    """HSTU attention as `pointwise_attention_reference` computes it, with the same matmuls.
+    """HSTU attention: `pointwise_attention_reference`'s result, without its (B,H,Nq,Nk) tensors.
 
-    Without autograd (evaluation, serving) the (B,H,Nq,Nk) score tensor is the cost: the
-    reference allocates five of them. Here the same ops, in the same order, run in place on
-    one buffer, so the result is bitwise the reference's. Training keeps the reference, whose
-    intermediates autograd needs.
+    - Training (a gradient is needed) on CPU: `fast_attention.PointwiseAttention`, which
+      processes the queries in blocks, skips the key columns the mask hides from a whole
+      block, and recomputes the scores in backward instead of keeping them. Equal to the
+      reference up to rounding (tests/test_fast_attention.py).
+    - No gradient, long inputs (Nq * Nk >= BLOCKED_MIN_PAIRS): the same blocked forward.
+    - No gradient, short inputs: the reference's ops, in its order, in place on one buffer,
+      so the result is bitwise the reference's (tests/test_attention_paths.py).
+    Inputs the blocked path does not handle (not on CPU, not 4-D, a non-bool mask, ...) take
+    the paths as before (reference; in place without grad).
     """
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias))
+    if fast_attention.supported(q, k, v, bias, mask) and (
+            needs_grad or q.shape[-2] * k.shape[-2] >= BLOCKED_MIN_PAIRS):
+        return fast_attention.pointwise_attention_fast(q, k, v, bias, mask, divisor)
     shape = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]) + (q.shape[-2], k.shape[-2])
     if (needs_grad or q.dtype != bias.dtype or q.dtype != k.dtype
             or torch.broadcast_shapes(shape, bias.shape, mask.shape) != shape):
