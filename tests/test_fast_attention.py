@@ -32,7 +32,8 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(fa, "MIN_ROWS", 4)
 
 
-def _case(b=3, h=2, nq=21, nk=21, dh=8, bias_shape=None, seed=0, causal=True, hole=False):
+def _case(b=3, h=2, nq=21, nk=21, dh=8, bias_shape=None, seed=0, causal=True, hole=False,
+          head_mask=False):
     """Left-padded users (row 0 unpadded), causal visibility of the last nq tokens; `hole`:
     one key in the middle invalid for everyone (a column no query sees, inside the range)."""
     g = torch.Generator().manual_seed(seed)
@@ -50,6 +51,8 @@ def _case(b=3, h=2, nq=21, nk=21, dh=8, bias_shape=None, seed=0, causal=True, ho
         mask = visibility(pos[:, nk - nq:], pos, valid, same)
     else:
         mask = torch.rand(b, 1, nq, nk, generator=g) > 0.4
+    if head_mask:  # a mask per head (pruning methods keep other tokens in every head)
+        mask = mask & (torch.rand(b, h, 1, nk, generator=g) > 0.3)
     return q, k, v, bias, mask
 
 
@@ -79,6 +82,7 @@ def _assert_matches_reference(q, k, v, bias, mask, divisor=6.0):
     dict(hole=True),                          # a key nobody sees between seen ones
     dict(hole=True, nq=9),
     dict(b=1, h=3, nq=17, nk=30, seed=3),
+    dict(head_mask=True),                     # a mask per head
 ])
 def test_blocked_attention_matches_reference(small_blocks, monkeypatch, case, threads):
     monkeypatch.setattr(fa, "THREADS", threads)

@@ -204,8 +204,8 @@ def forward_blocked(q, k, v, bias, mask, divisor: float, layout=None) -> torch.T
     out = q.new_zeros(b, h, nq, v.shape[-1])
 
     def work(h0, h1):
-        _forward_heads(q[:, h0:h1], k[:, h0:h1], v[:, h0:h1], _heads(bias, h0, h1), mask,
-                       divisor, out[:, h0:h1], plan, chunk)
+        _forward_heads(q[:, h0:h1], k[:, h0:h1], v[:, h0:h1], _heads(bias, h0, h1),
+                       _heads(mask, h0, h1), divisor, out[:, h0:h1], plan, chunk)
 
     _run(work, groups)
     return out
@@ -270,8 +270,8 @@ class PointwiseAttention(torch.autograd.Function):
             return None if t is None else t[:, h0:h1]
 
         def work(h0, h1):
-            _backward_heads(q[:, h0:h1], k[:, h0:h1], v[:, h0:h1], _heads(bias, h0, h1), mask,
-                            g[:, h0:h1], part(dq, h0, h1), part(dk, h0, h1), part(dv, h0, h1),
+            _backward_heads(q[:, h0:h1], k[:, h0:h1], v[:, h0:h1], _heads(bias, h0, h1),
+                            _heads(mask, h0, h1), g[:, h0:h1], part(dq, h0, h1), part(dk, h0, h1), part(dv, h0, h1),
                             None if dbias is None else _heads(dbias, h0, h1), plan, chunk)
 
         _run(work, groups)
