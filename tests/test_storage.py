@@ -122,3 +122,31 @@ def test_study_on_two_nodes_with_local_storage_stops_before_any_trial(tmp_path, 
     for made in ("data", "trials", "ray_results", "mlflow.db", "trials.parquet"):
         assert not (study_dir / made).exists(), made
     assert not (tmp_path / "tune").exists()
+
+
+def test_a_new_sqlite_store_appears_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A driver killed while MLflow builds a new store's schema must not leave a file that
+    later runs cannot open: the schema is built aside and renamed into place."""
+    import mlflow.tracking
+    from mlflow.tracking import MlflowClient
+
+    from malloc_ray.study.tracking import create_store
+
+    uri = f"sqlite:///{tmp_path / 'study' / 'mlflow.db'}"
+    real = mlflow.tracking.MlflowClient
+
+    def dies_midway(tracking_uri):
+        real(tracking_uri)  # the schema is (partly) there ...
+        raise KeyboardInterrupt("killed")  # ... and the process dies
+
+    monkeypatch.setattr(mlflow.tracking, "MlflowClient", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        create_store(uri)
+    assert not (tmp_path / "study" / "mlflow.db").exists()
+    assert not list((tmp_path / "study").iterdir())  # nothing half-written left behind
+    monkeypatch.setattr(mlflow.tracking, "MlflowClient", real)
+    create_store(uri)
+    assert MlflowClient(uri).search_experiments()  # opens: the Default experiment is there
+    before = (tmp_path / "study" / "mlflow.db").stat().st_mtime_ns
+    create_store(uri)  # an existing store is left alone
+    assert (tmp_path / "study" / "mlflow.db").stat().st_mtime_ns == before

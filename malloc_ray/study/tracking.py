@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -214,6 +215,28 @@ def artifact_root_missing(client, run_id: str, study_dir: Path) -> str | None:
         return None
     except ValueError:
         return None if path.is_dir() else str(path)
+
+
+def create_store(uri: str) -> None:
+    """Create a sqlite store that is not there yet whole or not at all: MLflow builds its
+    schema in dozens of migration steps, and a driver killed among them would leave a file no
+    later run can open ("table ... already exists"). So the schema is built in a temporary
+    file beside it, renamed into place once complete; what a killed build left is removed."""
+    path = sqlite_store_path(uri)
+    if path is None or path.exists():
+        return
+    from mlflow.tracking import MlflowClient
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    # a new name each time: MLflow caches a store (and its open engine) per URI
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        MlflowClient(f"sqlite:///{tmp}").search_experiments(max_results=1)  # builds the schema
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def open_study_store(tracking_uri: str, study_dir: Path) -> None:
@@ -422,7 +445,8 @@ def start_study_run(tracking_uri: str, study_name: str, study_dir: Path,
     from mlflow.tracking import MlflowClient
 
     relocate_artifacts(tracking_uri, study_dir)  # a moved study logs into its own directory
-    use_tracking_uri(tracking_uri)  # creates/migrates the store once, in the driver
+    create_store(tracking_uri)  # a new sqlite store appears complete or not at all
+    use_tracking_uri(tracking_uri)  # migrates an older store once, in the driver
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(study_name)
     if experiment is None:
