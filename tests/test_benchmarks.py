@@ -55,7 +55,7 @@ def _gpu_training(out: str, tmp: Path) -> None:
 
 
 def _conversion(out: str, tmp: Path) -> None:
-    assert "generated" in out and "{" in out  # the input written, then the measured JSON
+    assert '"csv_rows"' in out and '"rows_per_second"' in out  # the measured JSON
 
 
 # what each documented script must print, and where its files go (a scratch dir, not the repo)
