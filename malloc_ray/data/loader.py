@@ -23,6 +23,7 @@ import torch
 
 from malloc_ray.config import LOSS_POSITIONS, TRAIN_NEGATIVES
 from malloc_ray.data.prepare import SPLITS, last_train_prefix, read_meta
+from malloc_ray.data.sources.sequences import draw_untouched
 from malloc_ray.errors import InputError
 from malloc_ray.files import read_parquet
 
@@ -213,7 +214,6 @@ def local_batches(ds: Dataset, split: str, batch_size: int, max_len: int,
 
 GROUP_BATCHES = 50  # batches per length-sorted run of a shuffled pass
 _REDRAW_STREAM = 1  # a negatives draw's seed is (seed, this): not the shuffle's stream
-_MAX_REDRAWS = 64  # rounds of redrawing a negative that hit an item its user touched
 
 
 def resolve_train_negatives(ds: Dataset, negatives: str) -> str:
@@ -244,22 +244,17 @@ def redraw_negatives(arrays: UserArrays, vocab_size: int, user, candidate, label
     items its user never touched: the sampler that drew them at prepare time
     (sources/sequences.py), drawn again, so that no pass sees the negatives of another and a
     model cannot memorise them (with fixed ones, Amazon Toys' validation AUC fell at the
-    start of every pass; docs/training.md). A negative still touched after `_MAX_REDRAWS`
-    rounds keeps its prepared item. Positives are never changed."""
+    start of every pass; docs/training.md). A negative still touched after the last round
+    keeps its prepared item. Positives are never changed."""
     keys = touched_keys(arrays, vocab_size) if keys is None else keys
     out = np.array(candidate, dtype=np.int64)
-    owner = np.asarray(user, dtype=np.int64)
-    todo = np.flatnonzero(np.asarray(label) == 0)
-    if not len(keys):
+    neg = np.flatnonzero(np.asarray(label) == 0)
+    if not len(keys) or not len(neg):
         return out
-    for _ in range(_MAX_REDRAWS):
-        if not len(todo):
-            return out
-        out[todo] = rng.integers(1, vocab_size, len(todo))
-        wanted = owner[todo] * vocab_size + out[todo]
-        hit = keys[np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)] == wanted
-        todo = todo[hit]
-    out[todo] = np.asarray(candidate)[todo]
+    drawn, left = draw_untouched(np.asarray(user, dtype=np.int64)[neg], keys, vocab_size,
+                                 np.arange(1, vocab_size), rng)
+    drawn[left] = out[neg[left]]  # still touched after every round: the prepared item
+    out[neg] = drawn
     return out
 
 

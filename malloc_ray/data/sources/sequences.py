@@ -76,6 +76,24 @@ def _parse(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
             np.array(lines, np.int64))
 
 
+def draw_untouched(owner: np.ndarray, keys: np.ndarray, base: int, pool: np.ndarray,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """For each owner an item of `pool` drawn uniformly, redrawn while the owner touched it
+    (`keys`: sorted owner * base + item), for at most `_MAX_DRAWS` rounds. Returns (items,
+    the indices whose last draw was still touched). `prepare` draws the negatives with it, and
+    training draws them again (`loader.redraw_negatives`)."""
+    drawn = np.empty(len(owner), dtype=np.int64)
+    todo = np.arange(len(owner))
+    for _ in range(_MAX_DRAWS):
+        if not len(todo):
+            break
+        drawn[todo] = pool[rng.integers(0, len(pool), len(todo))]
+        wanted = owner[todo] * base + drawn[todo]
+        hit = keys[np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)] == wanted
+        todo = todo[hit]
+    return drawn, todo
+
+
 def _sample_negatives(user, step, items, negatives: int, seed: int, path: Path,
                       line_of: dict[int, int]):
     """`negatives` items per positive at step >= 1, none of them touched by its user."""
@@ -84,16 +102,8 @@ def _sample_negatives(user, step, items, negatives: int, seed: int, path: Path,
     n_user = np.unique(user, return_inverse=True)[1]
     touched = np.unique(n_user * (vocab.max() + 1) + items)  # sorted (user, item) keys
     owner = n_user[pick]
-    drawn = np.empty(len(pick), dtype=np.int64)
-    todo = np.arange(len(pick))
-    rng = np.random.default_rng(seed)
-    for _ in range(_MAX_DRAWS):
-        if not len(todo):
-            break
-        drawn[todo] = vocab[rng.integers(0, len(vocab), len(todo))]
-        keys = owner[todo] * (vocab.max() + 1) + drawn[todo]
-        hit = touched[np.minimum(np.searchsorted(touched, keys), len(touched) - 1)] == keys
-        todo = todo[hit]
+    drawn, todo = draw_untouched(owner, touched, vocab.max() + 1, vocab,
+                                 np.random.default_rng(seed))
     if len(todo):
         u = int(user[pick[todo[0]]])
         raise InputError(f"user {u} touched nearly every item: no untouched item to sample as "
