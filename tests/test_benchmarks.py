@@ -102,6 +102,7 @@ def test_eval_stream_smoke_prints_both_protocols_and_their_ratio():
     assert done.returncode == 0, done.stderr[-3000:]
     assert "window:" in done.stdout and "x window" in done.stdout
     assert "largest metric difference" in done.stdout
+    assert "one append per target" in done.stdout  # Native declares batched_append
 
 
 def test_hstu_layer_smoke_runs_ours_without_the_peer():

@@ -141,6 +141,33 @@ def test_lossless_serving_equals_native_and_wo_mem(name, setting):
         torch.testing.assert_close(serve(twin, batch)[:, 0], served, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("name,setting", cases(lambda cls: cls.appends_in_batches()))
+def test_batched_append_equals_appends_one_at_a_time(name, setting):
+    """A method declaring `batched_append`: appending k interactions in one step gives each
+    new item the logit it gets when they are appended one at a time (the oracle), and the
+    memory after it scores the next candidate the same; k from 1 to most of the window."""
+    model = build(name, setting)
+    batch = random_batch((max(setting.lengths), MAX_LEN - 1, 21), seed=17)  # room to score
+    for k in (1, 3, 8, 16):
+        past = history(batch, drop=k)
+        items, labels = batch["items"][:, -k:], batch["labels"][:, -k:]
+        one_by_one, memory = [], model.prefill(*past)
+        for j in range(k):
+            memory, logit = model.append(memory, items[:, j:j + 1], labels[:, j:j + 1])
+            one_by_one.append(logit[:, 0])
+        batched_memory, batched = model.append(model.prefill(*past), items, labels)
+        torch.testing.assert_close(batched, torch.stack(one_by_one, 1), rtol=0, atol=1e-5)
+        torch.testing.assert_close(model.score(batched_memory, items[:, :2]),
+                                   model.score(memory, items[:, :2]), rtol=0, atol=1e-5)
+
+
+def test_batched_append_is_not_inherited():
+    """KIVI is Native's subclass, but its residual group flushes at append boundaries: a
+    declaration holds for the class that makes it only."""
+    assert Native.appends_in_batches() and not REGISTRY["kivi"].appends_in_batches()
+    assert issubclass(REGISTRY["kivi"], Native)
+
+
 @pytest.mark.parametrize("name,setting", CASES)
 def test_measured_bytes_equal_closed_form(name, setting):
     """Bytes of a real one-user prefill equal `memory_bytes` x layers, payload alone and with

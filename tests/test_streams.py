@@ -75,6 +75,21 @@ def test_every_method_serves_a_stream(fits, method):
     assert torch.isfinite(probs).all() and ((probs > 0) & (probs < 1)).all()
 
 
+@pytest.mark.parametrize("method", [m for m in method_names()
+                                    if REGISTRY[m].appends_in_batches()])
+def test_a_stream_appended_in_one_step_equals_one_step_per_target(fits, method):
+    """Users with different target counts share a batch (padded targets after the real ones):
+    the one-step stream of a `batched_append` method scores every real target as one append
+    per target does."""
+    setting = REGISTRY[method].test_settings[0]
+    model = tiny_model(method, layers=2, hparams=setting.hparams)
+    batches = list(stream_batches(fits, "valid", MAX_LEN, 8))
+    assert any(len(set(b["target_mask"].sum(1).tolist())) > 1 for b in batches)
+    batched = torch.cat([model.predict_stream(b) for b in batches])
+    single = torch.cat([model.predict_stream(b, batched=False) for b in batches])
+    torch.testing.assert_close(batched, single, atol=1e-6, rtol=0)
+
+
 def test_protocol_is_a_trial_setting_and_refuses_candidate_datasets(fits, tmp_path):
     cfg = TrialConfig(dataset=str(tmp_path), eval_protocol="stream", max_len=MAX_LEN)
     _, valid, _ = batch_factories(cfg, fits)

@@ -92,11 +92,24 @@ class Method(nn.Module):
     # Serving equals Native's and w/o Mem's logits exactly (with the same weights), at every
     # setting. True only for methods that keep everything or recompute everything.
     lossless: ClassVar[bool] = False
+    # Appending k interactions in one step returns the same logits as appending them one at a
+    # time (each new item sees the memory, the new interactions before it, and itself; nothing
+    # the method keeps depends on how the appends were grouped). Declared in the method's own
+    # class body, never inherited (`appends_in_batches`), and checked for every method that
+    # declares it (tests/test_method_contract.py). Stream evaluation then appends a user's
+    # targets in one step instead of one step per target.
+    batched_append: ClassVar[bool] = False
 
     def __init__(self, cfg: HSTUConfig, hp: Any = None):
         super().__init__()
         self.cfg = cfg
         self.hp = hp if hp is not None else self.Hparams()
+
+    @classmethod
+    def appends_in_batches(cls) -> bool:
+        """`batched_append` as this class itself declares it (a subclass that changes what is
+        kept, e.g. KIVI's quantized Native, must not inherit Native's)."""
+        return bool(cls.__dict__.get("batched_append", False))
 
     @classmethod
     def compresses(cls) -> bool:

@@ -54,6 +54,7 @@ class Native(HSTUAttention):
     category = "none"
     lossless = True  # it is the reference
     # Nothing to compress; ragged lengths so the cache holds left-padded users of all sizes.
+    batched_append = True  # appending k at once = k single appends (contract test)
     test_settings = (TestSetting(id="ragged", hparams={}, lengths=(23, 9, 5, 17, 23, 12)),)
 
     # token axis of each tensor of the memory: K, V (B, H, N, d_h); pos, valid (B, N)

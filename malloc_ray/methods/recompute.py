@@ -18,6 +18,7 @@ class WoMem(HSTUAttention):
     category = "none"
     recompute = True
     lossless = True  # Native's layer, recomputed: the same sums
+    batched_append = True  # appending k at once = k single appends (contract test)
     test_settings = (TestSetting(id="ragged", hparams={}, lengths=(23, 9, 5, 17, 23, 12)),)
 
     @classmethod

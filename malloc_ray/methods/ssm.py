@@ -188,6 +188,7 @@ class SelectiveSSM(Method):
     # interactions. A length-1 window leaves an empty history (all padding). The second
     # setting is Mamba's block shape (expand 2, so out_proj; a 4-tap conv) at the tiny
     # model's max_len (79 tokens).
+    batched_append = True  # appending k at once = k single appends (contract test)
     test_settings = (
         TestSetting(id="default", hparams={}, lengths=(21, 8, 5, 1, 13, 17)),
         TestSetting(id="e2k4n8", hparams={"d_state": 8, "expand": 2, "d_conv": 4},

@@ -117,11 +117,21 @@ class CTRModel(nn.Module):
         return torch.sigmoid(self.score(memory, items[:, -1:])[:, 0])
 
     @torch.no_grad()
-    def predict_stream(self, batch) -> torch.Tensor:
+    def predict_stream(self, batch, batched: bool | None = None) -> torch.Tensor:
         """A stream batch (data/streams.py): prefill each history once, then per target in
         time order append it with its label; the logit append returns for it is what it was
-        scored before its label was known. Probabilities of the real targets, row-major."""
+        scored before its label was known. Methods that declare `batched_append` append all
+        of a user's targets in one step (`batched=False` forces one step per target, the
+        oracle). Probabilities of the real targets, row-major."""
         memory = self.prefill(batch["items"], batch["labels"], batch["lengths"])
+        if self.method.appends_in_batches() if batched is None else batched:
+            if not self.method.appends_in_batches():
+                raise ValueError(f"{self.method.name} does not declare batched_append")
+            # Same logits as the loop below (the method declares it; the contract tests check
+            # it): the padded targets after a user's last real one come later in time, so no
+            # real target sees them.
+            _, logits = self.append(memory, batch["targets"], batch["target_labels"])
+            return torch.sigmoid(logits[batch["target_mask"]])
         logits = []
         for j in range(batch["targets"].shape[1]):
             memory, logit = self.append(memory, batch["targets"][:, j:j + 1],
