@@ -8,9 +8,27 @@ import pytest
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared/data"
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Work units for `--dist loadgroup` (pyproject.toml): a test without its own xdist_group
+    mark joins its file's group, so each file runs on one worker as with loadfile (module
+    fixtures are built once); tests/test_docs.py splits its pages into two groups."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+
 @pytest.fixture(scope="session")
 def ml100k_inter() -> Path:
     path = SHARED_DATA / "ml-100k" / "ml-100k.inter"
+    if not path.is_file():
+        pytest.skip(f"real data not available at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def toys_sequences() -> Path:
+    path = SHARED_DATA / "amazon-toys-s3rec" / "Toys_and_Games.txt"
     if not path.is_file():
         pytest.skip(f"real data not available at {path}")
     return path

@@ -36,7 +36,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-# Order matters: later pages reuse what earlier ones created (the quickstart study).
+# Order matters: later pages reuse what earlier ones created (the quickstart study), up to
+# docs/data.md; from there on, pages use nothing an earlier page made (`_page`).
 PAGES = ["README.md", "docs/quickstart.md", "docs/study.md", "docs/mlflow.md", "docs/report.md",
          "docs/data.md", "docs/results.md", "docs/benchmarks.md", "clusters/README.md"]
 INSTALL = re.compile(r"^python3 -m venv \.venv && \.venv/bin/pip install [^&]*&& ")
@@ -213,7 +214,14 @@ def _prepare(command: str) -> str | None:
     return command
 
 
-@pytest.mark.parametrize("page", PAGES)
+def _page(page: str):
+    """The quickstart's pages (the README's command makes the study they use) run in order on
+    one xdist worker; the other pages need nothing from it and run on another (conftest.py)."""
+    chain = "quickstart" if PAGES.index(page) < PAGES.index("docs/data.md") else "pages"
+    return pytest.param(page, marks=pytest.mark.xdist_group(f"test_docs::{chain}"))
+
+
+@pytest.mark.parametrize("page", [_page(p) for p in PAGES])
 def test_documented_commands_run(page, scratch):
     commands = bash_commands((REPO / page).read_text())
     if any("../shared" in c for c in commands) and not SHARED.exists():
