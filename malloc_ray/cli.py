@@ -189,7 +189,7 @@ def _study_parser(sub) -> None:
 
 
 def _cmd_study(args) -> int:
-    from malloc_ray.study.run import run_study
+    from malloc_ray.study.run import StudyStopped, run_study
     from malloc_ray.study.spec import load_spec
     from malloc_ray.study.tracking import resolve_tracking_uri
 
@@ -206,7 +206,11 @@ def _cmd_study(args) -> int:
         from malloc_ray import smoke
 
         spec.name = smoke.study_name(spec.name)
-    table = run_study(spec, smoke_test=args.smoke_test, retry_failed=args.retry_failed)
+    try:
+        table = run_study(spec, smoke_test=args.smoke_test, retry_failed=args.retry_failed)
+    except StudyStopped as exc:
+        print(f"malloc-ray: {exc}", file=sys.stderr)
+        return 130  # the shell's code for a run stopped by SIGINT
     cols = ["dataset", "method", "depth", "seed", "status", "auc", "gauc", "logloss",
             "kv_bytes_per_user", "kv_payload_bytes_per_user", "macs_per_request"]
     print(table[cols].to_string(index=False, float_format=lambda x: f"{x:.4g}"))

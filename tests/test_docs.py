@@ -296,3 +296,42 @@ def test_backbone_table_traces_to_the_committed_study():
         if fall != "–":  # the baselines keep no curve, nor does the library models' trainer
             falls = [largest_fall(h) for h in mine["history"]]
             assert float(fall) == round(max(falls), 4), (dataset, model)
+
+
+# Table 2 studies on real data (docs/results.md, "Table 2 ..."): their trials tables are under
+# docs/results/<study>/trials.csv.
+TABLE2_STUDIES = ("ml100k_table2",)
+
+
+def _study_tables(trials: pd.DataFrame) -> list:
+    """The report's accuracy and measured-cost tables, rebuilt from a committed trials table
+    with the report's own code (malloc_ray/report/build.py)."""
+    from malloc_ray.report import tables
+    from malloc_ray.study import pareto
+
+    summary = pareto.pareto_table(trials)
+    methods = ~pareto.is_baseline(trials)
+    return [*tables.table2(summary),
+            tables.table3(trials[methods], summary[~pareto.is_baseline(summary)]),
+            tables.failure_counts(trials)]
+
+
+@pytest.mark.parametrize("study", TABLE2_STUDIES)
+def test_table2_sections_trace_to_the_committed_trials(study):
+    """Every row of the study's accuracy, cost and failure tables on docs/results.md is the
+    row the report's code makes from docs/results/<study>/trials.csv, and the figures the page
+    shows exist; Native never ends no_learning and equals w/o Mem to 1e-6 in AUC per cell."""
+    text = (REPO / "docs" / "results.md").read_text()
+    trials = pd.read_csv(RESULTS / study / "trials.csv")
+    for table in _study_tables(trials):
+        body = [line for line in table.markdown().splitlines() if line.startswith("| ")]
+        missing = [line for line in body if line not in text]
+        assert not missing, (study, table.name, missing[:3])
+    for image in re.findall(rf"\(results/{study}/([^)]+\.png)\)", text):
+        assert (RESULTS / study / image).is_file(), image
+    assert re.search(rf"\(results/{study}/[^)]+\.png\)", text), "no figure of the study shown"
+    native = trials[trials["method"] == "native"]
+    assert len(native) and (native["status"] == "ok").all()
+    pairs = trials[trials["method"].isin(["native", "wo_mem"])].pivot_table(
+        index=["dataset", "depth", "seed"], columns="method", values="auc")
+    assert (pairs["native"] - pairs["wo_mem"]).abs().max() <= 1e-6

@@ -34,3 +34,26 @@ def test_an_optuna_study_applies_the_specs_overrides(tmp_path, capsys, local_ray
     assert cfg["num_heads"] == 2 and 1e-4 <= cfg["lr"] <= 1e-2  # trial defaults, sampled lr
     assert cfg["loader"] == "ray"  # the driver materialized the rows the resolved config reads
     assert result["status"] == "ok", result.get("reason")
+
+
+@pytest.mark.slow
+def test_a_stopped_trained_phase_stops_the_study_before_post_hoc_cells(tmp_path, capsys,
+                                                                         monkeypatch, local_ray):
+    """Tune stopped (Ctrl-C) with trained cells left: no post-hoc cell runs on weights that do
+    not exist (they used to become `error` rows), and the CLI says how to go on, exit 130."""
+    from malloc_ray.study import run
+
+    phases = []
+    monkeypatch.setattr(run, "run_phase", lambda name, *a: phases.append(name))  # runs nothing
+    spec = {"name": "stop", "output_dir": str(tmp_path / "runs"),
+            "datasets": {"syn": {"prepare": {"source": "synthetic", "profile": "kuaivideo",
+                                             "users": 40, "max_len": 16, "seed": 0}}},
+            "methods": ["native", "h2o"], "depths": [1], "seeds": [0],
+            "trial": {**TINY_TRIAL, "loader": "local"}, "resources": {"cpus_per_trial": 1}}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    code = cli.main(["study", "run", str(path), "--no-report"])
+    err = capsys.readouterr().err
+    assert code == 130 and phases == ["trained"], err[-2000:]
+    assert "1 of 1 trained cells have no result" in err and "study resume" in err
+    assert not list((tmp_path / "runs" / "stop" / "trials").glob("*.json"))

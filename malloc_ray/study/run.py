@@ -456,6 +456,23 @@ def study_params(spec: StudySpec, dirs: dict[str, str]) -> dict:
     return params
 
 
+class StudyStopped(Exception):
+    """A phase ended with cells that have no result: Tune was stopped (Ctrl-C, SIGTERM) before
+    they ran. Nothing after that phase runs: a post-hoc cell needs its Native twin's weights."""
+
+    def __init__(self, phase: str, missing: int, total: int):
+        super().__init__(f"study stopped: {missing} of {total} {phase} cells have no result, "
+                         "so nothing after them ran; `malloc-ray study resume SPEC` runs what "
+                         "is left")
+
+
+def _check_phase_finished(phase: str, records: list[dict], study_dir: Path) -> None:
+    finished = results_mod.finished_results(study_dir)
+    missing = [r for r in records if r["trial_id"] not in finished]
+    if missing:
+        raise StudyStopped(phase, len(missing), len(records))
+
+
 def run_study(spec: StudySpec, smoke_test: bool = False, retry_failed: bool = False
               ) -> pd.DataFrame:
     if smoke_test:
@@ -490,9 +507,10 @@ def run_study(spec: StudySpec, smoke_test: bool = False, retry_failed: bool = Fa
 
     def grid(study) -> None:
         samples = materialize_samples(todo)
-        run_phase("trained", spec, [r for r in todo if r["workflow"] == "trained"], study, samples)
-        run_phase("post-hoc", spec, [r for r in todo if r["workflow"] == "post-hoc"], study,
-                  samples)
+        for phase in ("trained", "post-hoc"):
+            mine = [r for r in todo if r["workflow"] == phase]
+            run_phase(phase, spec, mine, study, samples)
+            _check_phase_finished(phase, mine, study_dir)
         run_baselines(baselines_todo, study, study_dir)
 
     return run_lifecycle(spec, dirs, tracking_uri, smoke_test, grid, records)
