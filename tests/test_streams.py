@@ -6,14 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from model_fixtures import tiny_model
+from model_fixtures import VOCAB, tiny_model
 
 from malloc_ray.config import TrialConfig
 from malloc_ray.data.loader import load_dataset, local_batches, select_samples
 from malloc_ray.data.prepare import prepare
 from malloc_ray.data.streams import stream_batches
 from malloc_ray.errors import InputError
-from malloc_ray.methods import REGISTRY, method_names
+from malloc_ray.methods import REGISTRY, get_method, method_names
+from malloc_ray.model.ctr import CTRModel
+from malloc_ray.model.hstu import HSTUConfig
 from malloc_ray.train.loop import evaluate
 from malloc_ray.train.trial import batch_factories
 
@@ -43,7 +45,11 @@ def window_probs(model, ds, split):
 def test_stream_equals_window_when_histories_fit(fits, method, split):
     torch.use_deterministic_algorithms(True)
     model = tiny_model(method, layers=2, seed=1)
-    stream = torch.cat([model.predict(b) for b in stream_batches(fits, split, MAX_LEN, 5)])
+    batches = list(stream_batches(fits, split, MAX_LEN, 5))
+    stream = torch.cat([model.predict(b) for b in batches])
+    # batches group users by target count; within a user, targets are in time order
+    by_user = torch.cat([b["eval_users"] for b in batches]).argsort(stable=True)
+    stream = stream[by_user]
     window = window_probs(model, fits, split)
     assert stream.shape == window.shape and len(stream) > fits.meta["stats"]["users"]
     torch.testing.assert_close(stream, window, atol=1e-6, rtol=0)
@@ -78,16 +84,32 @@ def test_every_method_serves_a_stream(fits, method):
 @pytest.mark.parametrize("method", [m for m in method_names()
                                     if REGISTRY[m].appends_in_batches()])
 def test_a_stream_appended_in_one_step_equals_one_step_per_target(fits, method):
-    """Users with different target counts share a batch (padded targets after the real ones):
-    the one-step stream of a `batched_append` method scores every real target as one append
-    per target does."""
+    """The one-step stream of a `batched_append` method scores every target as one append per
+    target does, over batches of users with different target counts."""
     setting = REGISTRY[method].test_settings[0]
     model = tiny_model(method, layers=2, hparams=setting.hparams)
     batches = list(stream_batches(fits, "valid", MAX_LEN, 8))
-    assert any(len(set(b["target_mask"].sum(1).tolist())) > 1 for b in batches)
+    assert len({b["targets"].shape[1] for b in batches}) > 1
     batched = torch.cat([model.predict_stream(b) for b in batches])
     single = torch.cat([model.predict_stream(b, batched=False) for b in batches])
     torch.testing.assert_close(batched, single, atol=1e-6, rtol=0)
+
+
+def test_capped_histories_append_nothing_past_max_len(fits):
+    """Histories longer than the cap, users with different target counts: a batch holds one
+    target count, so no padded target is appended past a user's cap (it would sit at position
+    2 max_len or later, which Linformer's position-indexed projection does not have)."""
+    cap = 12
+    assert np.diff(fits.offsets).max() > cap
+    cfg = HSTUConfig(d_model=32, num_heads=4, num_layers=2, max_len=cap, dropout=0.0)
+    torch.manual_seed(0)
+    model = CTRModel(cfg, get_method("linformer"), VOCAB, hparams={"k": 7}).eval()
+    batches = list(stream_batches(fits, "valid", cap, 8))
+    assert len({b["targets"].shape[1] for b in batches}) > 1
+    assert all(bool(b["target_mask"].all()) for b in batches)
+    probs = torch.cat([model.predict(b) for b in batches])
+    assert len(probs) == sum(b["target_mask"].numel() for b in batches)
+    assert torch.isfinite(probs).all()
 
 
 def test_protocol_is_a_trial_setting_and_refuses_candidate_datasets(fits, tmp_path):

@@ -42,16 +42,27 @@ def user_streams(ds: Dataset, split: str, max_len: int) -> tuple[np.ndarray, ...
     return uniq, history_start, first_target, count
 
 
+def _same_count_batches(count: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    """Indices of up to batch_size users with the same number of targets, fewest first.
+    Without padded targets nothing is appended past a user's own history cap: a padded
+    target of a capped history would sit at position 2 max_len or later, which methods with
+    position-indexed weights (Linformer's E) do not have."""
+    order = np.argsort(count, kind="stable")
+    bounds = np.flatnonzero(np.diff(count[order])) + 1
+    for group in np.split(order, bounds):
+        for lo in range(0, len(group), batch_size):
+            yield group[lo:lo + batch_size]
+
+
 def stream_batches(ds: Dataset, split: str, max_len: int, batch_size: int
                    ) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches of users: `items`/`labels`/`lengths` hold each history (left padded), and
-    `targets`/`target_labels`/`target_mask` (B, K) the split's targets in time order.
-    `eval_labels` and `eval_users` are the targets' labels and users, flattened in the order
-    a stream prediction returns them (row-major over the mask)."""
+    """Batches of users with the same number of targets K: `items`/`labels`/`lengths` hold
+    each history (left padded), and `targets`/`target_labels`/`target_mask` (B, K) the
+    split's targets in time order. `eval_labels` and `eval_users` are the targets' labels and
+    users, flattened in the order a stream prediction returns them (row-major over the mask)."""
     users, h_start, first, count = user_streams(ds, split, max_len)
     arrays = ds.arrays
-    for lo in range(0, len(users), batch_size):
-        sl = slice(lo, lo + batch_size)
+    for sl in _same_count_batches(count, batch_size):
         u, hs, ft, k = users[sl], h_start[sl], first[sl], count[sl]
         base = arrays.offsets[u]
         hist_len = ft - hs

@@ -127,9 +127,9 @@ class CTRModel(nn.Module):
         if self.method.appends_in_batches() if batched is None else batched:
             if not self.method.appends_in_batches():
                 raise ValueError(f"{self.method.name} does not declare batched_append")
-            # Same logits as the loop below (the method declares it; the contract tests check
-            # it): the padded targets after a user's last real one come later in time, so no
-            # real target sees them.
+            # Same logits as the loop below: the method declares it, the contract tests check
+            # it. (A batch of data/streams.py holds users with one target count; where a mask
+            # pads, the padding comes after a user's real targets, which do not see it.)
             _, logits = self.append(memory, batch["targets"], batch["target_labels"])
             return torch.sigmoid(logits[batch["target_mask"]])
         logits = []
