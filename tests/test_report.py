@@ -266,3 +266,28 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     # A rendered page of tables and plots has many distinct colours; a blank one has one.
     colours = {tuple(p) for p in (pixels[::7, ::7, :3] * 255).astype(int).reshape(-1, 3)}
     assert len(colours) > 50
+
+
+COMMITTED_REPORTS = sorted((Path(__file__).resolve().parents[1] / "docs" / "results")
+                           .glob("*/report/report.html"))
+
+
+@pytest.mark.parametrize("html_path", COMMITTED_REPORTS, ids=lambda p: p.parent.parent.name)
+def test_committed_reports_render_in_headless_chromium(html_path, tmp_path):
+    """The study reports docs/results.md links open in a browser: every section, every figure
+    decoded to a real bitmap."""
+    chromium = ensure_chromium()
+    copy = shutil.copytree(html_path.parent, tmp_path / "report")  # figures/ beside the page
+    page = copy / "probe.html"
+    page.write_text(html_path.read_text().replace("</body>", PROBE + "</body>"))
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu",
+             "--virtual-time-budget=10000", f"--user-data-dir={tmp_path / 'profile'}"]
+    dumped = subprocess.run(flags + ["--dump-dom", page.as_uri()], capture_output=True,
+                            text=True, timeout=180, check=True).stdout
+    dom = _Dom()
+    dom.feed(dumped)
+    assert set(SECTIONS) <= set(dom.sections) and dom.sections[0] == "findings"
+    figures = [i for i in dom.images if "figure" in (i.get("class") or "")]
+    assert figures
+    for img in figures:
+        assert int(img["data-rendered-width"]) > 300 and int(img["data-rendered-height"]) > 200
