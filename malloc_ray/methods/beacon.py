@@ -104,11 +104,11 @@ class Beacon(HSTUAttention):
         def beacons(self) -> int:
             return self.window // self.ratio
 
+    batched_append = True  # appending k at once = k single appends (contract test)
     # The default window (128 tokens) is longer than any test sequence (<= 79 tokens), so it
     # would never condense. Windows of 6-8 tokens condense several times per history, into 4,
     # 1 and 2 beacons. Targets sit at positions 2(l - 1) = 40, 14, 8, 6, 24, 32: several right
     # after a window completes (W = 8: 40, 8, 24, 32; W = 6: 6, 24).
-    batched_append = True  # appending k at once = k single appends (contract test)
     test_settings = (
         TestSetting(id="w8r2", hparams={"window": 8, "ratio": 2}, lengths=(21, 8, 5, 4, 13, 17)),
         TestSetting(id="w8r8", hparams={"window": 8, "ratio": 8}, lengths=(21, 8, 5, 4, 13, 17)),

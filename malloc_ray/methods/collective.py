@@ -86,10 +86,10 @@ class CollectiveKV(Method):
 
     name = "collectivekv"
     category = "head"
+    batched_append = True  # appending k at once = k single appends (contract test)
     # Small pools keep the tiny model's routers small and exercise both index dtypes (uint8
     # up to 256 rows, int16 above). usr_dim 12 spans one and a half heads of the tiny model
     # (d_h = 8); usr_dim 1 is the default.
-    batched_append = True  # appending k at once = k single appends (contract test)
     test_settings = (
         TestSetting(id="u4p64", hparams={"usr_dim": 4, "pool_size": 64},
                     lengths=(19, 7, 12, 19, 4, 1)),

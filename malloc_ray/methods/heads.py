@@ -57,8 +57,8 @@ class GQA(Native):
     name = "gqa"
     category = "head"
     lossless = False  # fewer K,V heads (kv_heads = num_heads would be Native itself)
-    # The default 4 equals the tiny model's 4 heads (no sharing): 2 and 1 K,V heads.
     batched_append = True  # appending k at once = k single appends (contract test)
+    # The default 4 equals the tiny model's 4 heads (no sharing): 2 and 1 K,V heads.
     test_settings = (TestSetting(id="kv2", hparams={"kv_heads": 2}, lengths=(19, 7, 12, 19, 4)),
                      TestSetting(id="kv1", hparams={"kv_heads": 1}, lengths=(19, 7, 12, 19, 4)))
 

@@ -62,8 +62,8 @@ class Linformer(Method):
             check_bool("share_kv", self.share_kv)
             check_bool("causal", self.causal)
 
-    # 7 slots for up to 61 tokens (the default 25 is close to short test sequences).
     batched_append = True  # appending k at once = k single appends (contract test)
+    # 7 slots for up to 61 tokens (the default 25 is close to short test sequences).
     test_settings = (TestSetting(id="k7", hparams={"k": 7}, lengths=(31, 8, 14, 21)),)
 
     def __init__(self, cfg: HSTUConfig, hp=None):

@@ -57,9 +57,9 @@ class Longformer(HSTUAttention):
     name = "longformer"
     category = "token-merge"
     recompute = True
+    batched_append = True  # appending k at once = k single appends (contract test)
     # The default window (64) covers nearly every test sequence; 5 is a real band over up to
     # 61 tokens (several chunks).
-    batched_append = True  # appending k at once = k single appends (contract test)
     test_settings = (TestSetting(id="w5", hparams={"window": 5}, lengths=(31, 8, 14, 21)),)
 
     @dataclass(frozen=True)

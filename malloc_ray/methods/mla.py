@@ -49,8 +49,8 @@ class MLA(Method):
 
     name = "mla"
     category = "head"
-    # The default rank 64 is clipped to d = 32 on the tiny model; 8 is a real low rank.
     batched_append = True  # appending k at once = k single appends (contract test)
+    # The default rank 64 is clipped to d = 32 on the tiny model; 8 is a real low rank.
     test_settings = (TestSetting(id="r8", hparams={"kv_rank": 8}, lengths=(19, 7, 12, 19, 4)),)
 
     @dataclass(frozen=True)

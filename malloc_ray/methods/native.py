@@ -53,8 +53,8 @@ class Native(HSTUAttention):
     name = "native"
     category = "none"
     lossless = True  # it is the reference
-    # Nothing to compress; ragged lengths so the cache holds left-padded users of all sizes.
     batched_append = True  # appending k at once = k single appends (contract test)
+    # Nothing to compress; ragged lengths so the cache holds left-padded users of all sizes.
     test_settings = (TestSetting(id="ragged", hparams={}, lengths=(23, 9, 5, 17, 23, 12)),)
 
     # token axis of each tensor of the memory: K, V (B, H, N, d_h); pos, valid (B, N)

@@ -111,12 +111,12 @@ class Rec2PM(HSTUAttention):
 
     name = "rec2pm"
     category = "token-merge"
+    batched_append = True  # appending k at once = k single appends (contract test)
     # The default chunk (128 tokens) is longer than any test sequence (<= 79 tokens), so it
     # would never fold. Chunks of 5-8 tokens fold up to 8 times per history. Targets sit at
     # positions 2(l - 1) = 40, 14, 8, 6, 24, 32: several right after a fold, with an empty
     # tail (L = 8: 40, 8, 24, 32; L = 6: 6, 24; L = 5: 40); L = 5 also ends chunks on item
     # tokens.
-    batched_append = True  # appending k at once = k single appends (contract test)
     test_settings = (
         TestSetting(id="c8m4", hparams={"chunk": 8, "slots": 4}, lengths=(21, 8, 5, 4, 13, 17)),
         TestSetting(id="c6m2", hparams={"chunk": 6, "slots": 2}, lengths=(21, 8, 5, 4, 13, 17)),

@@ -75,9 +75,9 @@ class Reformer(Method):
     name = "reformer"
     category = "sequence"
     recompute = True
+    batched_append = True  # appending k at once = k single appends (contract test)
     # The default bucket_size 64 gives 2 max_len / 64 -> 1 bucket on the tiny model (no
     # hashing); 4 buckets cut into chunks of 3, over 2 rounds.
-    batched_append = True  # appending k at once = k single appends (contract test)
     test_settings = (TestSetting(id="b3n4h2", hparams={"bucket_size": 3, "n_buckets": 4,
                                                        "n_hashes": 2},
                                  lengths=(31, 8, 14, 21)),)

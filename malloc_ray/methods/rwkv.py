@@ -57,9 +57,9 @@ class RWKV(Method):
     name = "rwkv"
     category = "architecture"
     chunk = 16  # forward's chunk: memory B·N·chunk·D, N/chunk steps; not a model hparam
+    batched_append = True  # appending k at once = k single appends (contract test)
     # No hyperparameters: the state is 4 vectors at any length. 21 interactions make 41
     # tokens, so forward crosses two chunk boundaries.
-    batched_append = True  # appending k at once = k single appends (contract test)
     test_settings = (TestSetting(id="v4", hparams={}, lengths=(21, 8, 5, 4, 13, 17)),)
 
     def __init__(self, cfg, hp=None):

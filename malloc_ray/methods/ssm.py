@@ -183,12 +183,12 @@ class SelectiveSSM(Method):
             check_int("d_conv", self.d_conv, 1)
             check_int("dt_rank", self.dt_rank, 0)
 
+    batched_append = True  # appending k at once = k single appends (contract test)
     # The state is a constant size, so every length compresses once Native's cache outgrows
     # it: the defaults keep 2176 B per layer on the tiny model, Native 10440 B at 20
     # interactions. A length-1 window leaves an empty history (all padding). The second
     # setting is Mamba's block shape (expand 2, so out_proj; a 4-tap conv) at the tiny
     # model's max_len (79 tokens).
-    batched_append = True  # appending k at once = k single appends (contract test)
     test_settings = (
         TestSetting(id="default", hparams={}, lengths=(21, 8, 5, 1, 13, 17)),
         TestSetting(id="e2k4n8", hparams={"d_state": 8, "expand": 2, "d_conv": 4},
