@@ -18,20 +18,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
 
 
-@pytest.fixture(scope="session")
-def ml100k_inter() -> Path:
-    path = SHARED_DATA / "ml-100k" / "ml-100k.inter"
+def _real_file(relative: str) -> Path:
+    path = SHARED_DATA / relative
     if not path.is_file():
         pytest.skip(f"real data not available at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def ml100k_inter() -> Path:
+    return _real_file("ml-100k/ml-100k.inter")
 
 
 @pytest.fixture(scope="session")
 def toys_sequences() -> Path:
-    path = SHARED_DATA / "amazon-toys-s3rec" / "Toys_and_Games.txt"
-    if not path.is_file():
-        pytest.skip(f"real data not available at {path}")
-    return path
+    return _real_file("amazon-toys-s3rec/Toys_and_Games.txt")
 
 
 @pytest.fixture(autouse=True)
