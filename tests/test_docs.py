@@ -313,6 +313,7 @@ def _study_tables(trials: pd.DataFrame) -> list:
     methods = ~pareto.is_baseline(trials)
     return [*tables.table2(summary),
             tables.table3(trials[methods], summary[~pareto.is_baseline(summary)]),
+            tables.depth_effect(trials[methods], summary[~pareto.is_baseline(summary)]),
             tables.failure_counts(trials)]
 
 

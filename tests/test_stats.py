@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 from scipy import stats as scipy_stats
 
+from malloc_ray.report import tables
 from malloc_ray.study import pareto, stats
 
 
@@ -92,3 +93,36 @@ def test_best_is_marked_only_when_intervals_do_not_overlap():
         i, j = np.argsort(-m)[:2]
         assert mask.sum() <= 1
         assert mask[i] == (m[i] - h[i] > m[j] + h[j])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_depth_delta_matches_scipy_paired_t_over_seeds(seed):
+    """Going deeper is paired by seed like a method against Native; a real gain is 'better',
+    and a seed missing at either depth drops out of the pairs."""
+    rng = np.random.default_rng(seed)
+    table = pd.concat([_table(rng, depth=1, seeds=4),
+                       _table(rng, depth=2, seeds=4, shift={"native": 0.05, "h2o": 0.05}),
+                       _table(rng, depth=4, seeds=4)], ignore_index=True)
+    table.loc[(table.method == "mqa") & (table.depth == 4) & (table.seed == 1), "status"] = "oom"
+    deltas = stats.depth_deltas(table).set_index(["method", "depth"])
+    assert sorted(deltas.index) == [(m, d) for m in ("h2o", "mqa", "native") for d in (2, 4)]
+    for (method, depth), row in deltas.iterrows():
+        ok = table[(table.status == "ok") & (table.method == method)]
+        pair = ok.pivot(index="seed", columns="depth", values="gauc")[[depth, 1]].dropna()
+        ci = scipy_stats.ttest_rel(pair[depth], pair[1]).confidence_interval(0.95)
+        assert row["base_depth"] == 1 and row["n_pairs"] == len(pair)
+        assert row["delta"] == pytest.approx((pair[depth] - pair[1]).mean())
+        assert row["delta_ci95"] == pytest.approx((ci.high - ci.low) / 2)
+    assert deltas.loc[("mqa", 4), "n_pairs"] == 3
+    effect = tables.depth_effect(table, pareto.summarize(table))
+    verdicts = effect.raw.set_index(["method", "depth"])["verdict"]
+    assert verdicts[("native", 2)] == "better" and verdicts[("h2o", 2)] == "better"
+    line = next(s for s in effect.markdown().splitlines() if s.startswith("| d | native | 2 |"))
+    assert "better" in line and "(depth 1)" in line
+
+
+def test_one_depth_has_no_depth_effect():
+    table = _table(np.random.default_rng(0), depth=2)
+    assert stats.depth_deltas(table).empty
+    effect = tables.depth_effect(table, pareto.summarize(table))
+    assert effect.display.empty and "One depth only" in effect.note

@@ -85,7 +85,7 @@ def _seed_caption(summary: pd.DataFrame) -> str:
 
 
 def _sections(table, info, figs, all_t, failure_marks, findings, summary) -> list:
-    t2, t3, t3p, t4, fail, failed, front, front_d, ds_table = all_t
+    t2, t3, t3p, t4, fail, failed, front, front_d, ds_table, depth = all_t
     seeds = _seed_caption(summary)
     datasets = sorted(table["dataset"].unique())
     mark_text = "; ".join(f"{m['dataset']}/{m['method']}@depth {m['depth']}: {m['statuses']}"
@@ -107,7 +107,8 @@ def _sections(table, info, figs, all_t, failure_marks, findings, summary) -> lis
         ("pareto", "Pareto fronts", page.tables_html([front, front_d])),
         ("fig5", "Depth scaling (Figure 5)",
          page.figure_html(figs["fig5_depth"], "GAUC and Logloss vs depth, mean ± 95% CI over "
-                          f"ok seeds; red ✗ = failed seed(s). Marked: {mark_text}. {seeds}")),
+                          f"ok seeds; red ✗ = failed seed(s). Marked: {mark_text}. {seeds}")
+         + page.tables_html([depth])),
         ("convergence", "Convergence", conv),
         ("failures", "Failures", page.tables_html([fail, failed])),
         ("reproducibility", "Reproducibility", page.repro_html(info, ds_table)),
@@ -145,7 +146,8 @@ def build_report(study_dir: str | Path, tracking_uri: str | None = None,
              tables.failed_list(pareto.failed_cells(table), MLFLOW_UI,
                                 mlflow_info.get("experiment_id")),
              tables.pareto(m_summary, per_depth=False),
-             tables.pareto(m_per_depth, per_depth=True), tables.datasets(info))
+             tables.pareto(m_per_depth, per_depth=True), tables.datasets(info),
+             tables.depth_effect(m_table, m_summary))
 
     final = study_dir / "report"
     tmp = study_dir / f".report-tmp-{os.getpid()}"

@@ -172,6 +172,42 @@ def table2(summary: pd.DataFrame) -> list[Table]:
     return out
 
 
+# -- Figure 5 in numbers: depth ----------------------------------------------------------------
+def depth_effect(table: pd.DataFrame, summary: pd.DataFrame) -> Table:
+    """Per (dataset, method) and each depth above its shallowest: GAUC at both depths (mean ±
+    95% CI over ok seeds) and their difference paired by seed, with its interval and verdict
+    ("better": deeper scores higher beyond seed noise). Empty with one depth."""
+    deltas = stats.depth_deltas(table, "gauc")
+    keys = ["dataset", "method", "hparams", "depth"]
+    gauc = summary.assign(hparams=summary["hparams"].fillna("{}")).set_index(keys)
+    rows, display = [], []
+    for _, d in deltas.sort_values(["dataset", "method", "depth"]).iterrows():
+        deep = gauc.loc[(d["dataset"], d["method"], d["hparams"], d["depth"])]
+        base = gauc.loc[(d["dataset"], d["method"], d["hparams"], d["base_depth"])]
+        verdict = stats.verdict(d["delta"], d["delta_ci95"])
+        rows.append({**d.to_dict(), "gauc": deep["gauc"], "gauc_ci95": deep["gauc_ci95"],
+                     "base_gauc": base["gauc"], "base_gauc_ci95": base["gauc_ci95"],
+                     "verdict": verdict})
+        display.append({
+            "dataset": d["dataset"], "method": deep["label"], "depth": str(d["depth"]),
+            "GAUC": _fmt_ci(deep["gauc"], deep["gauc_ci95"]),
+            "GAUC at the shallowest depth": f"{_fmt_ci(base['gauc'], base['gauc_ci95'])} "
+                                            f"(depth {d['base_depth']})",
+            "ΔGAUC (paired)": ("n/a" if pd.isna(d["delta"]) else
+                               f"{d['delta']:+.4f} (1 pair, n/a)" if pd.isna(d["delta_ci95"])
+                               else f"{d['delta']:+.4f} ± {d['delta_ci95']:.4f} {verdict}"),
+            "pairs": str(int(d["n_pairs"]))})
+    cols = ["dataset", "method", "depth", "GAUC", "GAUC at the shallowest depth",
+            "ΔGAUC (paired)", "pairs"]
+    return Table("depth_effect", "Depth (Figure 5 in numbers) — GAUC against the shallowest "
+                 "depth", pd.DataFrame(display, columns=cols), pd.DataFrame(rows),
+                 note="ΔGAUC is this depth's test GAUC minus the same method's at its "
+                      "shallowest depth, paired by seed (the seed fixes the initialisation "
+                      "and the batch order), with its own 95% interval; better / worse only "
+                      "when that interval excludes 0, else ≈." if len(rows) else
+                      "One depth only: nothing to compare.")
+
+
 # -- Table 3: cost -----------------------------------------------------------------------------
 def table3(table: pd.DataFrame, summary: pd.DataFrame) -> Table:
     """Measured cost at the study's own scale: MACs per request, bytes per user (total =

@@ -60,6 +60,33 @@ def paired_deltas(table: pd.DataFrame, metric: str = "gauc") -> pd.DataFrame:
                                        "delta", "delta_ci95"])
 
 
+def depth_deltas(table: pd.DataFrame, metric: str = "gauc") -> pd.DataFrame:
+    """Per (dataset, method, hparams, depth) above the shallowest depth that method ran on the
+    dataset: the seeds `ok` at both depths, the mean of (metric at this depth − at the
+    shallowest) over them and its 95% half-width. The seed pairs the two runs as it pairs a
+    method with Native (Figure 5's question: does going deeper change the method's score
+    beyond seed noise?)."""
+    ok = table[table["status"] == "ok"].copy()
+    ok["hparams"] = ok["hparams"].fillna("{}") if "hparams" in ok else "{}"
+    cols = ["dataset", "method", "hparams", "depth", "n_pairs", "base_depth", "delta",
+            "delta_ci95"]
+    rows = []
+    for key, cell in ok.groupby(["dataset", "method", "hparams"], sort=True):
+        by = cell.groupby(["depth", "seed"])[metric].mean().unstack("seed")
+        base = min(table.loc[(table["dataset"] == key[0]) & (table["method"] == key[1]),
+                             "depth"])
+        if base not in by.index:
+            continue  # no ok seed at the shallowest depth: nothing to pair with
+        for depth in sorted(d for d in by.index if d != base):
+            diff = (by.loc[depth] - by.loc[base]).to_numpy(float)
+            diff = diff[np.isfinite(diff)]
+            rows.append(dict(zip(["dataset", "method", "hparams"], key), depth=depth,
+                             n_pairs=len(diff), base_depth=base,
+                             delta=float(diff.mean()) if len(diff) else math.nan,
+                             delta_ci95=ci95(diff)))
+    return pd.DataFrame(rows, columns=cols)
+
+
 def separated_best(means, half_widths, higher_is_better: bool = True) -> np.ndarray:
     """Mask of the best cell, only when its interval does not overlap the runner-up's.
 
