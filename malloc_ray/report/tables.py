@@ -123,12 +123,17 @@ def _fmt_delta(row) -> str:
         return "reference"
     if row.get("category") == "baseline":
         return "baseline"
-    d, h = row["delta_gauc_vs_native"], row["delta_gauc_vs_native_ci95"]
+    return _fmt_paired(row["delta_gauc_vs_native"], row["delta_gauc_vs_native_ci95"],
+                       row["verdict_vs_native"])
+
+
+def _fmt_paired(d, h, verdict) -> str:
+    """A paired difference with its interval and verdict; n/a without a pair or interval."""
     if pd.isna(d):
         return "n/a"
     if pd.isna(h):
         return f"{d:+.4f} (1 pair, n/a)"
-    return f"{d:+.4f} ± {h:.4f} {row['verdict_vs_native']}"
+    return f"{d:+.4f} ± {h:.4f} {verdict}"
 
 
 def table2(summary: pd.DataFrame) -> list[Table]:
@@ -193,9 +198,7 @@ def depth_effect(table: pd.DataFrame, summary: pd.DataFrame) -> Table:
             "GAUC": _fmt_ci(deep["gauc"], deep["gauc_ci95"]),
             "GAUC at the shallowest depth": f"{_fmt_ci(base['gauc'], base['gauc_ci95'])} "
                                             f"(depth {d['base_depth']})",
-            "ΔGAUC (paired)": ("n/a" if pd.isna(d["delta"]) else
-                               f"{d['delta']:+.4f} (1 pair, n/a)" if pd.isna(d["delta_ci95"])
-                               else f"{d['delta']:+.4f} ± {d['delta_ci95']:.4f} {verdict}"),
+            "ΔGAUC (paired)": _fmt_paired(d["delta"], d["delta_ci95"], verdict),
             "pairs": str(int(d["n_pairs"]))})
     cols = ["dataset", "method", "depth", "GAUC", "GAUC at the shallowest depth",
             "ΔGAUC (paired)", "pairs"]

@@ -52,10 +52,7 @@ def paired_deltas(table: pd.DataFrame, metric: str = "gauc") -> pd.DataFrame:
         ref = native.reindex(pd.MultiIndex.from_arrays(
             [[dataset] * len(cell), [depth] * len(cell), cell["seed"].to_numpy()]))
         diff = cell[metric].to_numpy(float) - ref.to_numpy(float)
-        diff = diff[np.isfinite(diff)]
-        rows.append(dict(zip(["dataset", "method", "hparams", "depth"], key),
-                         n_pairs=len(diff), delta=float(diff.mean()) if len(diff) else math.nan,
-                         delta_ci95=ci95(diff)))
+        rows.append(dict(zip(["dataset", "method", "hparams", "depth"], key), **_paired(diff)))
     return pd.DataFrame(rows, columns=["dataset", "method", "hparams", "depth", "n_pairs",
                                        "delta", "delta_ci95"])
 
@@ -66,25 +63,28 @@ def depth_deltas(table: pd.DataFrame, metric: str = "gauc") -> pd.DataFrame:
     shallowest) over them and its 95% half-width. The seed pairs the two runs as it pairs a
     method with Native (Figure 5's question: does going deeper change the method's score
     beyond seed noise?)."""
-    ok = table[table["status"] == "ok"].copy()
-    ok["hparams"] = ok["hparams"].fillna("{}") if "hparams" in ok else "{}"
+    table = table.assign(hparams=table["hparams"].fillna("{}") if "hparams" in table else "{}")
     cols = ["dataset", "method", "hparams", "depth", "n_pairs", "base_depth", "delta",
             "delta_ci95"]
     rows = []
-    for key, cell in ok.groupby(["dataset", "method", "hparams"], sort=True):
-        by = cell.groupby(["depth", "seed"])[metric].mean().unstack("seed")
-        base = min(table.loc[(table["dataset"] == key[0]) & (table["method"] == key[1]),
-                             "depth"])
+    for key, cell in table.groupby(["dataset", "method", "hparams"], sort=True):
+        base = cell["depth"].min()  # over every cell, so a failed shallowest depth is seen
+        ok = cell[cell["status"] == "ok"]
+        by = ok.groupby(["depth", "seed"])[metric].mean().unstack("seed")
         if base not in by.index:
             continue  # no ok seed at the shallowest depth: nothing to pair with
         for depth in sorted(d for d in by.index if d != base):
             diff = (by.loc[depth] - by.loc[base]).to_numpy(float)
-            diff = diff[np.isfinite(diff)]
             rows.append(dict(zip(["dataset", "method", "hparams"], key), depth=depth,
-                             n_pairs=len(diff), base_depth=base,
-                             delta=float(diff.mean()) if len(diff) else math.nan,
-                             delta_ci95=ci95(diff)))
+                             base_depth=base, **_paired(diff)))
     return pd.DataFrame(rows, columns=cols)
+
+
+def _paired(diff: np.ndarray) -> dict:
+    """n_pairs, delta (mean) and delta_ci95 of the finite paired differences."""
+    diff = diff[np.isfinite(diff)]
+    return {"n_pairs": len(diff), "delta": float(diff.mean()) if len(diff) else math.nan,
+            "delta_ci95": ci95(diff)}
 
 
 def separated_best(means, half_widths, higher_is_better: bool = True) -> np.ndarray:
