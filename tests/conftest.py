@@ -1,11 +1,20 @@
 """Shared test fixtures (keep small)."""
 
+import os
 from pathlib import Path
 
 import pytest
 
 # Licensed real data sits beside the repo, never inside it (ml-100k may not be redistributed).
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared/data"
+
+# xdist workers share the machine's cores: each worker, and every process it starts, gets its
+# share of them as torch threads. With 2 threads in each of 2 workers on 2 cores (plus a
+# study's trials), the intra-op thread teams oversubscribe the cores and a thread descheduled
+# at a join stalls every op: a training test took 70 s instead of 8.5 s (2026-12-02).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 
 @pytest.hookimpl(tryfirst=True)
