@@ -81,7 +81,8 @@ def test_how_to_add_a_method_is_enough(tmp_path):
     tests = ["tests/test_method_contract.py", "tests/test_paper_specs.py::"
              "test_paper_specs_carry_the_papers_settings"]
     # -n 0: one process (this test already holds one of the machine's xdist workers)
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider",
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0",
+                           "-p", "no:cacheprovider",
                            "-k", "halfkv or every_registered or table or without_its_own or "
                            "paper_specs_carry", *tests],
                           cwd=root, env=env, capture_output=True, text=True, timeout=900)
