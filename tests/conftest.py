@@ -16,8 +16,8 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
     # Ray starts its workers (a study's trials) at nice 15, below a test that trains in its
-    # own pytest process at nice 0; beside two such processes the smoke quickstart took 213 s
-    # instead of 40 s (2026-12-02). At equal niceness the workers share the cores fairly.
+    # own pytest process at nice 0: beside two CPU-bound nice-0 processes, the smoke
+    # quickstart took 213 s instead of 40 s (2026-12-02). At equal niceness they share fairly.
     os.environ.setdefault("RAY_worker_niceness", "0")
 
 
