@@ -57,3 +57,22 @@ def test_a_stopped_trained_phase_stops_the_study_before_post_hoc_cells(tmp_path,
     assert code == 130 and phases == ["trained"], err[-2000:]
     assert "1 of 1 trained cells have no result" in err and "study resume" in err
     assert not list((tmp_path / "runs" / "stop" / "trials").glob("*.json"))
+
+
+def test_the_multi_objective_sampler_survives_tunes_checkpoint():
+    """Tune pickles the search algorithm after every trial; Optuna 5's NSGA-II holds a lock."""
+    import pickle
+
+    import optuna
+
+    from malloc_ray.study.nsga2 import PicklableNSGAIISampler
+
+    sampler = pickle.loads(pickle.dumps(PicklableNSGAIISampler(seed=3)))
+    with sampler._thread_lock:  # a working lock again after loading
+        pass
+    assert (sampler._get_generation_key()
+            == optuna.samplers.NSGAIISampler._get_generation_key())
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+    study.optimize(lambda t: (t.suggest_float("x", 0, 1), t.suggest_float("y", 0, 1)),
+                   n_trials=3)
+    assert len(study.trials) == 3

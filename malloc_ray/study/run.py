@@ -375,12 +375,13 @@ def optuna_search(spec: StudySpec, dataset: str, storage):
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
+    from malloc_ray.study.nsga2 import PicklableNSGAIISampler
     from malloc_ray.study.spec import OBJECTIVES
 
     objectives = spec.search.objectives
     modes = [OBJECTIVES[o] for o in objectives]
     multi = len(objectives) > 1
-    sampler = (optuna.samplers.NSGAIISampler(seed=spec.search.seed) if multi
+    sampler = (PicklableNSGAIISampler(seed=spec.search.seed) if multi
                else optuna.samplers.TPESampler(seed=spec.search.seed))
     return OptunaSearch(metric=objectives if multi else objectives[0],
                         mode=modes if multi else modes[0], sampler=sampler, storage=storage,
