@@ -1,5 +1,6 @@
 """Docs cannot drift: every shell command in a ```bash block of the README, docs/ and
-clusters/README.md is executed here, in order, in a scratch copy of the repository.
+clusters/README.md is executed, in order, in a scratch copy of the repository: the
+quickstart's pages here, the others in tests/test_docs_pages.py.
 
 Conventions the docs follow:
 * ```bash blocks hold commands that run on a CPU machine; ```console blocks hold commands that
@@ -36,10 +37,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-# Order matters: later pages reuse what earlier ones created (the quickstart study), up to
-# docs/data.md; from there on, pages use nothing an earlier page made (`_page`).
-PAGES = ["README.md", "docs/quickstart.md", "docs/study.md", "docs/mlflow.md", "docs/report.md",
-         "docs/data.md", "docs/results.md", "docs/benchmarks.md", "clusters/README.md"]
+# The quickstart's pages, in order: later ones use the study the README's command made. They
+# run here, on one xdist worker (the tests run one file per worker at a time, pyproject.toml).
+PAGES = ["README.md", "docs/quickstart.md", "docs/study.md", "docs/mlflow.md", "docs/report.md"]
+# Pages that use nothing an earlier page made: tests/test_docs_pages.py runs them, beside the
+# quickstart's pages on the other worker.
+OTHER_PAGES = ["docs/data.md", "docs/results.md", "docs/benchmarks.md", "clusters/README.md"]
 INSTALL = re.compile(r"^python3 -m venv \.venv && \.venv/bin/pip install [^&]*&& ")
 pytestmark = pytest.mark.slow
 
@@ -76,7 +79,8 @@ def test_every_page_with_commands_is_covered():
     pages = [p.relative_to(REPO).as_posix() for p in
              [REPO / "README.md", REPO / "clusters" / "README.md", *REPO.glob("docs/**/*.md")]]
     with_commands = {p for p in pages if bash_commands((REPO / p).read_text())}
-    assert with_commands <= set(PAGES), f"add to PAGES: {sorted(with_commands - set(PAGES))}"
+    covered = set(PAGES) | set(OTHER_PAGES)
+    assert with_commands <= covered, f"add to OTHER_PAGES: {sorted(with_commands - covered)}"
 
 
 def test_command_parsing():
@@ -222,15 +226,14 @@ def _prepare(command: str) -> str | None:
     return command
 
 
-def _page(page: str):
-    """The quickstart's pages (the README's command makes the study they use) run in order on
-    one xdist worker; the other pages need nothing from it and run on another (conftest.py)."""
-    chain = "quickstart" if PAGES.index(page) < PAGES.index("docs/data.md") else "pages"
-    return pytest.param(page, marks=pytest.mark.xdist_group(f"test_docs::{chain}"))
-
-
-@pytest.mark.parametrize("page", [_page(p) for p in PAGES])
+@pytest.mark.parametrize("page", PAGES)
 def test_documented_commands_run(page, scratch):
+    run_page(page, scratch)
+
+
+def run_page(page: str, scratch: Path) -> None:
+    """Run a page's commands in order in `scratch`, then its CHECKS; each command's wall time
+    is printed (`pytest -rP` shows it)."""
     commands = bash_commands((REPO / page).read_text())
     if any("../shared" in c for c in commands) and not SHARED.exists():
         pytest.skip(f"{page} reads ../shared/data, which is not present beside the checkout")
@@ -242,10 +245,14 @@ def test_documented_commands_run(page, scratch):
         if command is None:
             continue
         if re.match(r"^(\.venv/bin/)?mlflow ui\b", command):
+            start = time.time()
             _check_mlflow_ui(command, scratch)
+            print(f"{page}: {time.time() - start:6.1f} s  {raw}")
             continue
+        start = time.time()
         done = subprocess.run(["bash", "-c", command], cwd=scratch, env=_env(),
                               capture_output=True, text=True, timeout=1200)
+        print(f"{page}: {time.time() - start:6.1f} s  {raw}")
         assert done.returncode == 0, (
             f"{page}: `{raw}` exited {done.returncode}\n{done.stdout[-2000:]}\n"
             f"{done.stderr[-3000:]}")

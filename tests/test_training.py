@@ -4,7 +4,7 @@ item popularity on real MovieLens-100K.
 These train real (tiny) models on CPU, so they are among the slowest tests of the suite.
 Native's use of long history (full window vs the last 8 interactions on the kuaivideo profile)
 takes about two minutes to train to a clear margin; it is a documented command in
-docs/results.md, run and checked (margin and recorded figures) by tests/test_docs.py.
+docs/results.md, run and checked (margin and recorded figures) by tests/test_docs_pages.py.
 """
 
 from pathlib import Path
