@@ -23,7 +23,10 @@ NAN = float("nan")
 
 def _as_tensor(x, dtype=torch.float64) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
-        x = torch.as_tensor(np.asarray(x))
+        x = np.asarray(x)
+        # A read-only array (pandas' copy-on-write hands out such views) would be shared;
+        # the metrics only read, but torch warns, so such an array is copied.
+        x = torch.as_tensor(x if x.flags.writeable else x.copy())
     return x.detach().reshape(-1).to(dtype)
 
 
