@@ -244,12 +244,11 @@ def run_page(page: str, scratch: Path) -> None:
         command = _prepare(raw)
         if command is None:
             continue
+        start = time.time()
         if re.match(r"^(\.venv/bin/)?mlflow ui\b", command):
-            start = time.time()
             _check_mlflow_ui(command, scratch)
             print(f"{page}: {time.time() - start:6.1f} s  {raw}")
             continue
-        start = time.time()
         done = subprocess.run(["bash", "-c", command], cwd=scratch, env=_env(),
                               capture_output=True, text=True, timeout=1200)
         print(f"{page}: {time.time() - start:6.1f} s  {raw}")
