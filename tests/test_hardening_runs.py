@@ -587,13 +587,16 @@ def test_driver_sigkill_at_seeded_random_points(tmp_path, head, reference):
         driver.wait()
         kills += 1
         # Ray kills a dead driver's trials; wait for it, so none races the next driver
+        killed_at = time.time()
         psutil.wait_procs(_busy_workers(raylet), timeout=30)
+        cleanup = time.time() - killed_at
         now = _stuck_after_result(study_dir)
         hit, stuck = now - stuck, now
         window_hits += bool(hit)
         log.append(f"run {runs:2d} {kind_:5s}: killed after {time.time() - t0:.1f}s"
                    + (" (on a result file)" if on_result else f" (drawn {delay:.1f}s)")
-                   + (" -> a RUNNING run named by its result file" if hit else ""))
+                   + (" -> a RUNNING run named by its result file" if hit else "")
+                   + f"; its trials gone {cleanup:.1f}s later")
     loop_seconds = time.time() - started
     done = subprocess.run([sys.executable, "-m", "malloc_ray", "study", "resume", str(spec),
                            "--retry-failed", "--no-report"], cwd=REPO, env=head["env"],
