@@ -54,3 +54,19 @@ def test_no_source_module_is_over_300_lines():
     assert "reczoo.py" in sizes
     over = {name: n for name, n in sizes.items() if n > MAX_SOURCE_LINES}
     assert not over, f"modules of malloc_ray/data/sources/ over {MAX_SOURCE_LINES} lines: {over}"
+
+
+def test_commands_and_study_drivers_do_not_import_metric_libraries():
+    """torchmetrics' package import pulls in scipy.signal and matplotlib, and scipy.stats is
+    heavy too: the CLI and a study driver (which compute no metric) import neither, so every
+    `malloc-ray` process starts without paying for them. A metric imports torchmetrics."""
+    import subprocess
+    import sys
+
+    code = ("import sys, malloc_ray.cli, malloc_ray.study.run; "
+            "print(sorted(m for m in ('torchmetrics', 'scipy.stats') if m in sys.modules)); "
+            "from malloc_ray.metrics.ranking import auc; auc([0, 1], [0.2, 0.7]); "
+            "print('torchmetrics' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split("\n")
+    assert out[:2] == ["[]", "True"], out
