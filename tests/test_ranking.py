@@ -113,3 +113,31 @@ def test_scores_outside_zero_one_and_close_scores_keep_their_order():
     assert auc(labels, counts) == pytest.approx(roc_auc_score(labels, counts), abs=1e-12)
     close = 0.5 + rng.random(500) * 1e-9
     assert auc(labels, close) == pytest.approx(roc_auc_score(labels, close), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_every_groups_auroc_is_torchmetrics_exact_auroc(seed):
+    """`group_aurocs` (one sort for all groups) against `auc` group by group, i.e. the area
+    under torchmetrics' exact ROC curve of each group: ties, single-class groups (nan there,
+    as sklearn raises), groups of one. (torchmetrics' own `binary_auroc` integrates in
+    float32: 1e-7 off.)"""
+    from malloc_ray.metrics.ranking import group_aurocs
+
+    labels, probs, groups = random_case(seed)
+    uniques, codes = np.unique(groups, return_inverse=True)
+    y, s = torch.from_numpy(labels).double(), torch.from_numpy(probs).double()
+    got, sizes = group_aurocs(y, s, torch.from_numpy(codes), len(uniques))
+    assert sizes.tolist() == np.bincount(codes).tolist()
+    single = 0
+    for g in range(len(uniques)):
+        ys, ss = y[codes == g], s[codes == g]
+        if ys.min() == ys.max():
+            assert math.isnan(got[g]), g
+            single += 1
+        else:
+            assert got[g].item() == pytest.approx(auc(ys, ss), abs=1e-9), g
+    assert 0 < single < len(uniques)
+
+
+def test_gauc_of_no_samples_is_nan():
+    assert math.isnan(gauc(np.array([], dtype=int), np.array([]), np.array([], dtype=int)))

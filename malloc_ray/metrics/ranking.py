@@ -1,14 +1,18 @@
-"""Ranking metrics for CTR evaluation: AUC, GAUC and Logloss on target positions, in torchmetrics.
+"""Ranking metrics for CTR evaluation: AUC, GAUC and Logloss on target positions.
 
 AUC is the area under torchmetrics' exact binary ROC curve (no thresholds; tied scores count
-half, as in sklearn's `roc_auc_score`). GAUC follows FuxiCTR (`fuxictr/metrics.py`) and DIN: the AUROC of each group
-(user), weighted by the group's number of samples; groups whose labels are all 0 or all 1 are
-skipped. Logloss is binary cross-entropy on probabilities clipped to [eps, 1 - eps]. Everything
-runs in float64 on the device the tensors are on (a trial's evaluation stays on its GPU).
+half, as in sklearn's `roc_auc_score`). GAUC follows FuxiCTR (`fuxictr/metrics.py`) and DIN:
+the AUROC of each group (user), weighted by the group's number of samples; groups whose labels
+are all 0 or all 1 are skipped. Its per-group AUROCs are the same exact areas, computed for all
+groups by one sort (`group_aurocs`) rather than one torchmetrics call per group, which made a
+split of ten thousand users cost seconds. Logloss is binary cross-entropy on probabilities
+clipped to [eps, 1 - eps]. Everything runs in float64 on the device the tensors are on (a
+trial's evaluation stays on its GPU).
 
 Where sklearn raises (single-class labels, NaN scores, no samples) these return nan: a model
 that outputs NaN or a tiny split should be recorded as such by the training loop, not crash a
-trial. tests/ranking_oracle.py (numpy ranks) and sklearn check these to 1e-9.
+trial. tests/test_ranking.py checks them against sklearn, the numpy rank oracle
+(tests/ranking_oracle.py) and, group by group, torchmetrics' binary AUROC, to 1e-9.
 """
 
 from __future__ import annotations
@@ -75,6 +79,34 @@ def auc(labels, scores) -> float:
     return _auroc(*_labels_and_scores(labels, scores))
 
 
+def group_aurocs(y: torch.Tensor, s: torch.Tensor, codes: torch.Tensor, n_groups: int):
+    """Exact AUROC of every group at once: (auroc (nan for a single-class group), sizes).
+
+    The area under a group's exact ROC curve is its Mann-Whitney statistic,
+    (sum of the positives' ranks - P(P+1)/2) / (P N), with tied scores given their mean rank
+    (torchmetrics' curve has one point per distinct score, so ties count half there too).
+    One sort by (group, score) ranks every group; ranks are integers or halves, so the float64
+    sums are exact in any order (on a GPU too). This replaces one torchmetrics call per group:
+    at 0.2 ms a call, a split of Toys' 19k users took 7.5 s (2-core CPU machine, 2026-12-03);
+    tests/test_ranking.py checks every group against torchmetrics' binary AUROC.
+    """
+    order = torch.argsort(s, stable=True)
+    order = order[torch.argsort(codes[order], stable=True)]
+    ss, gg, yy = s[order], codes[order], y[order]
+    sizes = torch.bincount(gg, minlength=n_groups)
+    first = torch.cumsum(sizes, 0) - sizes  # where each group starts in the sorted order
+    new_run = torch.ones_like(gg, dtype=torch.bool)  # a run: equal (group, score)
+    new_run[1:] = (gg[1:] != gg[:-1]) | (ss[1:] != ss[:-1])
+    run = torch.cumsum(new_run, 0) - 1
+    run_mean = new_run.nonzero().squeeze(1).double() + (torch.bincount(run).double() + 1) / 2
+    rank = run_mean[run] - first[gg].double()  # 1-based, within the group
+    pos = torch.bincount(gg, weights=yy, minlength=n_groups)
+    pos_ranks = torch.bincount(gg, weights=rank * yy, minlength=n_groups)
+    neg = sizes.double() - pos
+    auroc = (pos_ranks - pos * (pos + 1) / 2) / (pos * neg)  # 0 / 0 = nan: one class
+    return auroc, sizes
+
+
 def gauc(labels, scores, groups) -> float:
     """Sample-count-weighted mean of per-group AUC over groups with both classes; nan if none has."""
     y, s = _labels_and_scores(labels, scores)
@@ -83,21 +115,11 @@ def gauc(labels, scores, groups) -> float:
         raise ValueError(f"groups and labels differ in size: {g.numel()} vs {y.numel()}")
     if y.numel() == 0 or torch.isnan(s).any():
         return NAN
-    _, codes = torch.unique(g, return_inverse=True)
-    counts = torch.bincount(codes)
-    positives = torch.bincount(codes, weights=y)
-    mixed = ((positives > 0) & (positives < counts)).tolist()
-    positives = positives.long().tolist()
-    order = torch.argsort(codes, stable=True)
-    total, weight = 0.0, 0
-    # One AUROC per group with both classes: users are few hundred to some ten thousand per
-    # evaluation, and single-class groups (most users of a sparse split) are skipped unscored.
-    for group, (ys, ss) in enumerate(zip(y[order].split(counts.tolist()),
-                                         s[order].split(counts.tolist()))):
-        if mixed[group]:
-            total += _exact_auroc(ys, ss, positives[group]) * ys.numel()
-            weight += ys.numel()
-    return total / weight if weight else NAN
+    uniques, codes = torch.unique(g, return_inverse=True)
+    auroc, sizes = group_aurocs(y, s, codes, uniques.numel())
+    mixed = ~torch.isnan(auroc)
+    weight = int(sizes[mixed].sum())
+    return float((auroc[mixed] * sizes[mixed]).sum() / weight) if weight else NAN
 
 
 def logloss(labels, probs, eps: float = 1e-7) -> float:
