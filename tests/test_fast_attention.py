@@ -83,7 +83,7 @@ def _assert_matches_reference(q, k, v, bias, mask, divisor=6.0):
     dict(hole=True, nq=9),
     dict(b=1, h=3, nq=17, nk=30, seed=3),
     dict(head_mask=True),                     # a mask per head
-    dict(dh=16),                              # wider heads: backward's products untransposed
+    dict(dh=16),                              # wider heads
     dict(dh=3, seed=4),
 ])
 def test_blocked_attention_matches_reference(small_blocks, monkeypatch, case, threads):

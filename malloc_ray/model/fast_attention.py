@@ -28,8 +28,6 @@ import torch.nn.functional as F
 BLOCK_ELEMENTS = 1 << 20   # 4 MiB of fp32, one core's L2 on the project's machine
 MIN_ROWS = 16
 SKEW_ROWS = 128   # rows per chunk of the relative bias' gradient (ToeplitzExpand)
-# Backward products whose result has at most this many columns (d_h) are computed transposed.
-NARROW = 8
 
 
 def supported(q, k, v, bias, mask) -> bool:
@@ -213,17 +211,6 @@ def forward_blocked(q, k, v, bias, mask, divisor: float, layout=None) -> torch.T
     return out
 
 
-def _narrow_mm(a, b):
-    """a @ b, for backward. Where b has few columns (d_h <= NARROW), MKL's batched GEMM is
-    slow on the CPU machine: (128, 127, 127) @ (127, 8) took 2.4 ms, its transpose
-    (b^T a^T)^T 0.9 ms (2026-12-03; at d_h = 16 the plain product was as fast or faster).
-    Same sums, other rounding: backward is equal to autograd up to rounding anyway (the
-    forward keeps the reference's products, bitwise)."""
-    if b.shape[-1] <= NARROW:
-        return torch.matmul(b.transpose(-1, -2), a.transpose(-1, -2)).transpose(-1, -2)
-    return torch.matmul(a, b)
-
-
 def _backward_heads(q, k, v, bias, mask, g, dq, dk, dv, dbias, plan, chunk):
     b, h = q.shape[:2]
     bias_bcast = bias.shape[0] == 1 and b > 1
@@ -236,7 +223,7 @@ def _backward_heads(q, k, v, bias, mask, g, dq, dk, dv, dbias, plan, chunk):
             s, w = _scores(q, k, bias, mask, 1.0, b0, b1, q0, q1, ks, ke, m0, m1, False)
             g_blk = g[b0:b1, :, q0:q1]
             if dv is not None:
-                dv[b0:b1, :, ks:ke] += _narrow_mm(w.transpose(-1, -2), g_blk)
+                dv[b0:b1, :, ks:ke] += torch.matmul(w.transpose(-1, -2), g_blk)
             del w
             dw = torch.matmul(g_blk, v[b0:b1, :, ks:ke].transpose(-1, -2))
             if m1 > m0:
@@ -244,9 +231,9 @@ def _backward_heads(q, k, v, bias, mask, g, dq, dk, dv, dbias, plan, chunk):
             ds = torch.ops.aten.silu_backward.grad_input(dw, s, grad_input=s)
             del dw
             if dq is not None:
-                dq[b0:b1, :, q0:q1] = _narrow_mm(ds, k[b0:b1, :, ks:ke])
+                torch.matmul(ds, k[b0:b1, :, ks:ke], out=dq[b0:b1, :, q0:q1])
             if dk is not None:
-                dk[b0:b1, :, ks:ke] += _narrow_mm(ds.transpose(-1, -2), q[b0:b1, :, q0:q1])
+                dk[b0:b1, :, ks:ke] += torch.matmul(ds.transpose(-1, -2), q[b0:b1, :, q0:q1])
             if dbias is not None:
                 red = ds.sum(0, keepdim=True) if bias_bcast else ds
                 if heads_bcast:
