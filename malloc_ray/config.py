@@ -53,7 +53,9 @@ FIELD_HELP = {
                       "where the dataset scores candidates)",
     "train_negatives": "training negatives as prepared (fixed) or redrawn every pass (fresh; "
                        "auto: fresh where the dataset drew them itself)",
-    "eval_batch_size": "evaluation batch (default: sized for the device)",
+    "eval_batch_size": "evaluation windows per batch at full length; shorter windows are "
+                       "packed more densely in the same memory (default: sized for the "
+                       "device)",
     "weight_decay": "AdamW decay of weight matrices (not embeddings, biases, norms)",
     "embedding_l2": "L2 on the embedding rows a batch touches, per sample",
     "warmup_steps": "linear learning-rate warm-up over this many steps",

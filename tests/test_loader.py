@@ -212,3 +212,32 @@ def test_ray_batches_redraw_fresh_negatives_like_the_local_loader(tmp_path, ray_
     off, items = seq.arrays.offsets, seq.arrays.items
     assert all(r[1][-1] not in set(items[off[r[0]]:off[r[0] + 1]].tolist())
                for r in fresh if r[2] == 0)
+
+
+def test_packed_evaluation_batches_hold_every_row_once_within_the_score_memory(ds):
+    """Evaluation batches sorted by window width and packed up to the score memory of
+    batch_size full windows: the same rows, and the same metrics as plain batches."""
+    from malloc_ray.data.loader import packed_batches
+    from malloc_ray.model.ctr import CTRModel
+    from malloc_ray.model.hstu import HSTUConfig
+    from malloc_ray.methods import get_method
+    from malloc_ray.train.loop import evaluate
+
+    widths = np.random.default_rng(0).integers(1, 41, 500)
+    batches = packed_batches(widths, 4, 40)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(500))
+    assert any(len(b) > 4 for b in batches)  # short windows share a batch
+    for b in batches:
+        assert len(b) <= 4 or len(b) * widths[b].max() ** 2 <= 4 * 40 ** 2
+    for split in ("valid", "test"):
+        plain = list(local_batches(ds, split, 4, 24))
+        packed = list(local_batches(ds, split, 4, 24, packed=True))
+        assert len(packed) < len(plain) and _rows(packed) == _rows(plain)
+    torch.manual_seed(0)
+    model = CTRModel(HSTUConfig(d_model=16, num_heads=2, num_layers=2, max_len=24),
+                     get_method("native"), ds.meta["vocab_size"])
+    want = evaluate(model, local_batches(ds, "valid", 4, 24))
+    got = evaluate(model, local_batches(ds, "valid", 4, 24, packed=True))
+    for key in ("auc", "gauc", "logloss"):
+        assert got[key] == pytest.approx(want[key], abs=1e-6), key
+    assert got["n"] == want["n"]

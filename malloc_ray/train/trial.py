@@ -57,7 +57,7 @@ def batch_factories(cfg: TrialConfig, ds, samples: dict | None = None):
                       negatives=cfg.train_negatives if split == "train" else "fixed")
         if cfg.loader == "ray":
             return loader.ray_batches(ds, samples=(samples or {}).get(split), **kwargs)
-        return loader.local_batches(ds, **kwargs)
+        return loader.local_batches(ds, packed=split != "train", **kwargs)
 
     def train(epoch: int):
         batches = make("train", True, cfg.seed * 1000 + epoch)
