@@ -217,6 +217,7 @@ def local_batches(ds: Dataset, split: str, batch_size: int, max_len: int,
 
 GROUP_BATCHES = 50  # batches per length-sorted run of a shuffled pass
 PACKED_MAX_ROWS = 2048  # windows per packed evaluation batch, at most
+_REDRAW_STREAM = 1  # a negatives draw's seed is (seed, this): not the shuffle's stream
 
 
 def packed_batches(widths: np.ndarray, batch_size: int, max_len: int) -> list[np.ndarray]:
@@ -225,9 +226,9 @@ def packed_batches(widths: np.ndarray, batch_size: int, max_len: int) -> list[np
     PACKED_MAX_ROWS), so its attention scores take the memory of batch_size full windows.
 
     A batch is padded to its longest window, and the evaluation batch size is sized for full
-    windows: on sparse data (Amazon Toys: 2.2 targets per user, most histories a few items)
-    batches of 16 mostly short windows cost their per-batch overhead 2,674 times per split.
-    Every row once; the metrics do not depend on the order (equal up to rounding)."""
+    windows: on sparse data (Amazon Toys: 2.2 evaluation samples per user, most histories a few
+    items) batches of 16 mostly short windows paid their per-batch overhead 2,674 times per
+    split. Every row once; the metrics do not depend on the order (equal up to rounding)."""
     order = np.argsort(widths, kind="stable")
     w = widths[order]
     batches, lo = [], 0
@@ -240,7 +241,6 @@ def packed_batches(widths: np.ndarray, batch_size: int, max_len: int) -> list[np
         batches.append(order[lo:hi])
         lo = hi
     return batches
-_REDRAW_STREAM = 1  # a negatives draw's seed is (seed, this): not the shuffle's stream
 
 
 def resolve_train_negatives(ds: Dataset, negatives: str) -> str:

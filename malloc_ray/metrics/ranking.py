@@ -12,7 +12,7 @@ trial's evaluation stays on its GPU).
 Where sklearn raises (single-class labels, NaN scores, no samples) these return nan: a model
 that outputs NaN or a tiny split should be recorded as such by the training loop, not crash a
 trial. tests/test_ranking.py checks them against sklearn, the numpy rank oracle
-(tests/ranking_oracle.py) and, group by group, torchmetrics' binary AUROC, to 1e-9.
+(tests/ranking_oracle.py) and, group by group, `auc` (torchmetrics' curve), to 1e-9.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def group_aurocs(y: torch.Tensor, s: torch.Tensor, codes: torch.Tensor, n_groups
     One sort by (group, score) ranks every group; ranks are integers or halves, so the float64
     sums are exact in any order (on a GPU too). This replaces one torchmetrics call per group:
     at 0.2 ms a call, a split of Toys' 19k users took 7.5 s (2-core CPU machine, 2026-12-03);
-    tests/test_ranking.py checks every group against torchmetrics' binary AUROC.
+    tests/test_ranking.py checks every group against `auc` (torchmetrics' exact curve).
     """
     order = torch.argsort(s, stable=True)
     order = order[torch.argsort(codes[order], stable=True)]
