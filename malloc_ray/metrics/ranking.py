@@ -21,10 +21,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-# torchmetrics is imported where it is first used: its package import pulls in scipy.signal
-# and matplotlib (2 s on the project's CPU machine), which every `malloc-ray` command and study
-# driver would otherwise pay without computing a metric.
-
 NAN = float("nan")
 
 
@@ -56,6 +52,8 @@ def _exact_auroc(y: torch.Tensor, s: torch.Tensor, positives: int) -> float:
     # then tie in float32): hand it dense ranks in (0, 1], same order, same ties.
     _, rank = torch.unique(s, return_inverse=True)
     s = (rank.double() + 1) / (int(rank.max()) + 1)
+    # imported here, not at the top: its package import pulls in scipy.signal and matplotlib
+    # (2 s on the project's CPU machine), which every command and study driver would pay
     from torchmetrics.functional.classification import binary_roc
 
     fpr, tpr, _ = binary_roc(s, y.long(), thresholds=None, validate_args=False)
