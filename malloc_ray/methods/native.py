@@ -31,10 +31,11 @@ class HSTUAttention(Method):
         self.f1, self.rab, self.out_norm = hstu_layers(cfg, 4 * cfg.d_model)  # u, q, k, v
 
     def project(self, x):
-        u, q, k, v = self.f1(x).chunk(4, dim=-1)
-        u = F.silu(u)
-        if self.cfg.silu_qkv:
-            q, k, v = F.silu(q), F.silu(k), F.silu(v)
+        if self.cfg.silu_qkv:  # one SiLU over f1's whole output: the same numbers, 1 op, not 4
+            u, q, k, v = F.silu(self.f1(x)).chunk(4, dim=-1)
+        else:
+            u, q, k, v = self.f1(x).chunk(4, dim=-1)
+            u = F.silu(u)
         h = self.cfg.num_heads
         return u, split_heads(q, h), split_heads(k, h), split_heads(v, h)
 
@@ -69,33 +70,44 @@ class Native(HSTUAttention):
         k = k.transpose(-1, -2).contiguous().transpose(-1, -2)
         return y, token_memory({"k": k, "v": v.contiguous()}, pos, valid)
 
-    def attend_part(self, q, k, v, q_pos, k_pos, k_valid, bias_table):
-        """pointwise_sum of queries over some keys, with `attend`'s bias and visibility.
+    def attend_cache(self, q, k, v, q_pos, k_pos, k_valid, bias_table):
+        """pointwise_sum of the request's queries over the cached keys (not divided by n).
 
-        k_valid (B, Nk) for cached keys; None when the keys are the queries' own tokens (all
-        valid, and each query is its own key: `self_mask`). bias_table: `distance_table`.
+        Every cached key is earlier than every request token (a request's positions start
+        at the memory's next position), so the mask is the keys' validity alone. The bias
+        goes in as baddbmm's addend and SiLU and the mask work in place: a few ops per layer
+        whatever the cache size (a request's fixed cost is its number of ops).
         """
-        if k_valid is None and q.shape[2] == 1:  # one own token: it sees itself, distance 0
-            b, h, _, dh = q.shape
-            h_kv = k.shape[1]  # < h for GQA: query head h reads K,V head h // (h / h_kv)
-            rows = q.reshape(b, h_kv, h // h_kv, dh)
+        b, h, nq, dh = q.shape
+        h_kv, n = k.shape[1], k.shape[2]
+        rows = (h // h_kv) * nq  # H / H_kv query heads of a K,V head: its rows, in order
+        dist = (q_pos[:, :, None] - k_pos[:, None, :]).clamp_(0, self.rab.max_distance)
+        bias = F.embedding(dist, bias_table).permute(0, 3, 1, 2)  # (B, H, Nq, N)
+        scores = torch.baddbmm(bias.reshape(b * h_kv, rows, n), q.reshape(b * h_kv, rows, dh),
+                               k.transpose(-1, -2).reshape(b * h_kv, dh, n))
+        F.silu(scores, inplace=True)
+        scores.view(b, h_kv * rows, n).mul_(k_valid[:, None, :])
+        return torch.bmm(scores, v.reshape(b * h_kv, n, v.shape[-1])).view(b, h, nq, -1)
+
+    def attend_own(self, q, k, v, pos, bias_table):
+        """pointwise_sum of the request's queries over its own tokens (not divided by n)."""
+        b, h, nq, dh = q.shape
+        h_kv = k.shape[1]  # < h for GQA: query head h reads K,V head h // (h / h_kv)
+        if nq == 1:  # one own token: it sees itself, at distance 0
+            rows = q.view(b, h_kv, h // h_kv, dh)
             w = F.silu(torch.matmul(rows, k.transpose(-1, -2)) + bias_table[0].view(h_kv, -1, 1))
             return torch.matmul(w, v).view(b, h, 1, v.shape[-1])
-        dist = q_pos[:, :, None] - k_pos[:, None, :]  # (B, Nq, Nk); > 0: the key is earlier
-        see = dist > 0
-        if k_valid is None:
-            see = see | torch.eye(q.shape[2], dtype=torch.bool, device=q.device)
-        else:
-            see = see & k_valid[:, None, :]
+        dist = pos[:, :, None] - pos[:, None, :]  # (B, Nq, Nq); > 0: the key is earlier
+        see = (dist > 0) | torch.eye(nq, dtype=torch.bool, device=q.device)
         return pointwise_sum(q, k, v, distance_bias(self.rab, dist, bias_table), see[:, None])
 
     def step(self, x, pos, memory, append):
         u, q, k, v = self.project(x)
         mem, meta = memory.payload, memory.metadata
         table = distance_table(self.rab, x.device)
-        av = (self.attend_part(q, mem["k"], mem["v"], pos, meta["pos"], meta["valid"], table)
-              + self.attend_part(q, k, v, pos, pos, None, table))
-        y = u * self.out_norm(merge_heads(av / self.cfg.divisor))
+        av = self.attend_cache(q, mem["k"], mem["v"], pos, meta["pos"], meta["valid"], table)
+        av += self.attend_own(q, k, v, pos, table)
+        y = u * self.out_norm(merge_heads(av.div_(self.cfg.divisor)))
         if append:
             own = {"pos": pos.to(torch.int32), "valid": torch.ones_like(pos, dtype=torch.bool)}
             memory = append_tokens(memory, {"k": k, "v": v}, own, self.memory_axes)
