@@ -5,9 +5,12 @@ positions. A request runs only the new tokens through the layer and attends over
 [cached K,V ; own k,v]. Exact: it equals recomputing the whole sequence (w/o Mem).
 
 A request never copies the cache: the pointwise weights have no softmax, so the attention is
-computed over the cache and over the own tokens as two sums, added (`pointwise_sum`). An
-append writes the new K,V into spare capacity behind the cache (`append_tokens`, capacity
-doubling); the memory's tensors are views of the used part, which is what bytes count.
+computed over the cache and over the own tokens as two sums, added (`attend_cache`,
+`attend_own`). The part over the cache is a handful of ops whatever its size (baddbmm with
+the bias, SiLU and mask in place): with one candidate, a request's time at small caches is
+its number of ops (docs/benchmarks.md). An append writes the new K,V into spare capacity
+behind the cache (`append_tokens`, capacity doubling); the memory's tensors are views of the
+used part, which is what bytes count.
 """
 
 from __future__ import annotations

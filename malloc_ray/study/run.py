@@ -1,8 +1,9 @@
 """The study driver: datasets once, cells from the spec, Ray Tune over the unfinished ones.
 
     spec -> prepare datasets -> cells (trial id = config hash) -> skip finished cells
-         -> phase 1: trained methods (Native saves its weights)
-         -> phase 2: post-hoc methods on the Native weights of the same (dataset, depth, seed)
+         -> one Tune run: trained methods first (Native saves its weights); each post-hoc
+            method on the Native weights of the same (dataset, depth, seed) once that Native
+            cell has ended (study/cell_order.py)
          -> baselines: the spec's `baselines`, once per dataset, in the driver (no Tune trial)
          -> trials.parquet
 
@@ -91,6 +92,7 @@ def trial_record(spec: StudySpec, dataset: str, cfg: TrialConfig, meta: dict,
         record["save_checkpoint"] = str(checkpoint_path(spec.study_dir, trial_id))
     if method.workflow == "post-hoc":
         twin = config_hash(native_twin(cfg), meta["dataset_id"])
+        record["twin_id"] = twin
         record["native_checkpoint"] = str(checkpoint_path(spec.study_dir, twin))
     return record
 
@@ -215,13 +217,16 @@ def fit_tuner(spec: StudySpec, name: str, trainable, resources, param_space: dic
 
 
 def run_phase(name: str, spec: StudySpec, records: list[dict], study, samples) -> None:
-    from ray import tune
-
+    """One Tune run over `records` (in `cell_order.start_order`), post-hoc cells held back
+    until their Native twin has ended (`cell_order.CellSearcher`)."""
+    from malloc_ray.study.cell_order import CellSearcher
     from malloc_ray.study.trainable import tune_trainable
 
     if not records:
         return
-    log(f"{name}: {len(records)} cells")
+    post_hoc = sum(r["workflow"] == "post-hoc" for r in records)
+    log(f"{name}: {len(records) - post_hoc} trained, {post_hoc} post-hoc (each once its "
+        "Native cell has ended)")
     by_name = {r["name"]: r for r in records}
     # Resolved here, in the driver: Tune runs each trial in its own working directory.
     study_dir = str(spec.study_dir)
@@ -233,8 +238,8 @@ def run_phase(name: str, spec: StudySpec, records: list[dict], study, samples) -
                        samples={rec["dataset"]: samples.get(key)})
 
     fit_tuner(spec, f"{spec.name}-{name}", trainable,
-              lambda config: by_name[config["cell_name"]]["resources"],
-              {"cell_name": tune.grid_search(sorted(by_name))}, total=len(records),
+              lambda config: by_name[config["cell_name"]]["resources"], {},
+              total=len(records), search_alg=CellSearcher(records), num_samples=len(records),
               trial_name_creator=lambda t: t.config["cell_name"],
               trial_dirname_creator=lambda t: t.config["cell_name"])
 
@@ -458,20 +463,23 @@ def study_params(spec: StudySpec, dirs: dict[str, str]) -> dict:
 
 
 class StudyStopped(Exception):
-    """A phase ended with cells that have no result: Tune was stopped (Ctrl-C, SIGTERM) before
-    they ran. Nothing after that phase runs: a post-hoc cell needs its Native twin's weights."""
+    """The Tune run ended with cells that have no result: it was stopped (Ctrl-C, SIGTERM)
+    before they ran. Baselines do not run; a post-hoc cell whose Native twin had not ended
+    never started (it needs the twin's weights)."""
 
-    def __init__(self, phase: str, missing: int, total: int):
-        super().__init__(f"study stopped: {missing} of {total} {phase} cells have no result, "
-                         "so nothing after them ran; `malloc-ray study resume SPEC` runs what "
+    def __init__(self, missing: list[dict], total: int):
+        post_hoc = sum(r["workflow"] == "post-hoc" for r in missing)
+        super().__init__(f"study stopped: {len(missing)} of {total} cells have no result "
+                         f"({len(missing) - post_hoc} trained, {post_hoc} post-hoc), so "
+                         "nothing after them ran; `malloc-ray study resume SPEC` runs what "
                          "is left")
 
 
-def _check_phase_finished(phase: str, records: list[dict], study_dir: Path) -> None:
+def _check_cells_finished(records: list[dict], study_dir: Path) -> None:
     finished = results_mod.finished_results(study_dir)
     missing = [r for r in records if r["trial_id"] not in finished]
     if missing:
-        raise StudyStopped(phase, len(missing), len(records))
+        raise StudyStopped(missing, len(records))
 
 
 def run_study(spec: StudySpec, smoke_test: bool = False, retry_failed: bool = False
@@ -507,11 +515,12 @@ def run_study(spec: StudySpec, smoke_test: bool = False, retry_failed: bool = Fa
         f"{left} to run; MLflow: {tracking_uri}")
 
     def grid(study) -> None:
+        from malloc_ray.study.cell_order import start_order
+
         samples = materialize_samples(todo)
-        for phase in ("trained", "post-hoc"):
-            mine = [r for r in todo if r["workflow"] == phase]
-            run_phase(phase, spec, mine, study, samples)
-            _check_phase_finished(phase, mine, study_dir)
+        cells = start_order(todo)  # trained first: a loop over them (no Tune) is valid too
+        run_phase("cells", spec, cells, study, samples)
+        _check_cells_finished(cells, study_dir)
         run_baselines(baselines_todo, study, study_dir)
 
     return run_lifecycle(spec, dirs, tracking_uri, smoke_test, grid, records)
