@@ -119,6 +119,22 @@ def test_the_searcher_hands_tune_the_queue_and_survives_pickling():
     assert searcher.suggest("t3") == Searcher.FINISHED
 
 
+def test_the_searcher_saves_and_restores_its_queue(tmp_path):
+    """Tune's experiment checkpoint (JSON): a restored searcher goes on where it was."""
+    from malloc_ray.study.cell_order import CellSearcher
+
+    searcher = CellSearcher(_cells("n0", "h0", "n1", "h1"))
+    assert searcher.suggest("t1") == {"cell_name": "n0"}
+    searcher.on_trial_complete("t1")
+    searcher.save(str(tmp_path / "state.json"))
+    restored = CellSearcher([])
+    restored.restore(str(tmp_path / "state.json"))
+    assert [restored.suggest(t) for t in ("t2", "t3", "t4")] == [
+        {"cell_name": "n1"}, {"cell_name": "h0"}, None]  # h1 waits for n1
+    restored.on_trial_complete("t2")
+    assert restored.suggest("t4") == {"cell_name": "h1"}
+
+
 def test_the_multi_objective_sampler_survives_tunes_checkpoint():
     """Tune pickles the search algorithm after every trial; Optuna 5's NSGA-II holds a lock."""
     import pickle

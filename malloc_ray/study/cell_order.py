@@ -12,6 +12,8 @@ is the Tune searcher around it (module level: Tune pickles its search algorithm)
 
 from __future__ import annotations
 
+import json
+
 from ray.tune.search import Searcher
 
 
@@ -66,3 +68,16 @@ class CellSearcher(Searcher):
 
     def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
         self.queue.finished(self.started.get(trial_id))
+
+    # Tune's experiment checkpoint; JSON, so restoring reads no code from the study directory.
+    def save(self, checkpoint_path: str) -> None:
+        state = {"waiting": self.queue.waiting, "running_twins": sorted(self.queue.running_twins),
+                 "started": self.started}
+        with open(checkpoint_path, "w") as f:
+            json.dump(state, f, default=str)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path) as f:
+            state = json.load(f)
+        self.queue.waiting, self.started = state["waiting"], state["started"]
+        self.queue.running_twins = set(state["running_twins"])
