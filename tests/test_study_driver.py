@@ -44,8 +44,11 @@ def test_a_stopped_study_names_what_is_left_and_exits_130(tmp_path, capsys, monk
     from malloc_ray.study import run
 
     ran = []
-    monkeypatch.setattr(run, "run_phase",  # runs nothing, as a Tune run stopped at once
-                        lambda name, spec, records, *a: ran.append([r["config"]["method"] for r in records]))
+
+    def stopped_at_once(name, spec, records, *args):  # runs nothing, as a stopped Tune run
+        ran.append([r["config"]["method"] for r in records])
+
+    monkeypatch.setattr(run, "run_phase", stopped_at_once)
     spec = {"name": "stop", "output_dir": str(tmp_path / "runs"),
             "datasets": {"syn": {"prepare": {"source": "synthetic", "profile": "kuaivideo",
                                              "users": 40, "max_len": 16, "seed": 0}}},
