@@ -314,7 +314,7 @@ def test_backbone_table_traces_to_the_committed_study():
 
 # Table 2 studies on real data (docs/results.md, "Table 2 ..."): their trials tables are under
 # docs/results/<study>/trials.csv.
-TABLE2_STUDIES = ("ml100k_table2", "toys_table2")
+TABLE2_STUDIES = ("ml100k_table2", "toys_table2", "longhist_table2")
 
 
 def _study_tables(trials: pd.DataFrame) -> list:
