@@ -132,7 +132,7 @@ def test_early_stopping_restores_best_epoch():
     steps = 5
     model = Scripted([0.5, 3.0, 1.0, 0.7, 0.5, 6.0, 6.0], steps)
     result = run(model, TrainConfig(epochs=7, patience=3, max_steps_per_epoch=steps,
-                                    max_valid_drop=None))
+                                    max_valid_drop=None, warmup_steps=0))
     assert result["status"] == "ok"
     assert result["best_epoch"] == 1 and result["epochs_run"] == 5  # epochs 2, 3, 4 did not improve
     assert int(model.steps) == 2 * steps  # the weights after epoch 1 are back
@@ -144,22 +144,25 @@ def test_a_fall_below_the_best_stops_before_the_patience_is_spent():
     steps = 5
     scripted = [0.5, 3.0, 1.0, 0.7, 0.5, 6.0, 6.0]
     curve = [r["valid_auc"] for r in run(Scripted(scripted, steps), TrainConfig(
-        epochs=7, patience=7, max_steps_per_epoch=steps, max_valid_drop=None))["history"]]
+        epochs=7, patience=7, max_steps_per_epoch=steps, max_valid_drop=None,
+        warmup_steps=0))["history"]]
     drop = curve[1] - curve[2]  # the first evaluation after the best is already worse
     assert drop > 0
     model = Scripted(scripted, steps)
     result = run(model, TrainConfig(epochs=7, patience=7, max_steps_per_epoch=steps,
-                                    max_valid_drop=drop / 2))
+                                    max_valid_drop=drop / 2, warmup_steps=0))
     assert result["best_epoch"] == 1 and result["epochs_run"] == 3  # stopped at the fall
     assert int(model.steps) == 2 * steps  # and back at the best weights
     kept = run(Scripted(scripted, steps), TrainConfig(
-        epochs=7, patience=2, max_steps_per_epoch=steps, max_valid_drop=drop * 2))
+        epochs=7, patience=2, max_steps_per_epoch=steps, max_valid_drop=drop * 2,
+        warmup_steps=0))
     assert kept["epochs_run"] == 4  # a smaller fall: patience decides
 
 
 def test_a_dip_before_the_model_learned_anything_is_left_to_the_patience():
     steps, flat = 5, [0.04, 0.0, 0.0, 0.0, 0.0, 0.0]
-    cfg = dict(epochs=6, patience=3, max_steps_per_epoch=steps, no_learning_margin=0.1)
+    cfg = dict(epochs=6, patience=3, max_steps_per_epoch=steps, no_learning_margin=0.1,
+               warmup_steps=0)
     curve = [r["valid_auc"] for r in run(Scripted(flat, steps), TrainConfig(
         **cfg, max_valid_drop=None))["history"]]
     assert curve[0] - curve[1] > 0.001 and max(curve) < 0.6  # a dip, below "learned"
@@ -191,7 +194,8 @@ def test_nan_predictions_are_divergence():
 
 
 def test_no_learning_detected():
-    result = run(BiasOnly(), TrainConfig(lr=0.05, epochs=10, no_learning_epochs=2))
+    result = run(BiasOnly(), TrainConfig(lr=0.05, epochs=10, no_learning_epochs=2,
+                                         warmup_steps=0))
     assert result["status"] == "no_learning" and result["failed_epoch"] == 1
     assert result["epochs_run"] == 2 and result["valid_auc"] == 0.5
     assert math.isfinite(result["logloss"])
@@ -232,7 +236,7 @@ def test_eval_every_steps_evaluates_within_a_pass_and_patience_counts_evaluation
     # BiasOnly never improves on its first evaluation: patience 1 ends it at the second,
     # within the first pass
     stopped = run(BiasOnly(), TrainConfig(lr=0.05, epochs=5, patience=1, eval_every_steps=5,
-                                          no_learning_margin=None))
+                                          no_learning_margin=None, warmup_steps=0))
     assert [(r["pass"], r["step"]) for r in stopped["history"]] == [(0, 5), (0, 10)]
 
 
@@ -304,3 +308,19 @@ def test_plateau_factor_cuts_the_rate_after_an_evaluation_without_improvement():
     # BiasOnly's valid AUC never improves on its first evaluation: the rate is halved after
     # each later one (a record holds the rate its steps trained with)
     assert [r["lr"] for r in seen] == pytest.approx([0.05, 0.05, 0.025, 0.0125])
+
+
+def test_evaluations_inside_the_warm_up_never_stop_a_run_nor_spend_its_patience():
+    """BiasOnly never improves on its first evaluation. Evaluated every 5 steps with a 22-step
+    warm-up, its evaluations at steps 5, 10, 15 and 20 are inside the warm-up: patience 1 (or
+    a no_learning check after one evaluation) stops it only at the first evaluation after
+    the warm-up, step 25, and with patience 2 at the second, step 30. Without a warm-up the
+    same run stops at step 10."""
+    cfg = dict(lr=0.05, epochs=5, eval_every_steps=5, no_learning_margin=None)
+    steps = [[r["step"] for r in run(BiasOnly(), TrainConfig(
+        **cfg, patience=patience, warmup_steps=warmup))["history"]]
+        for patience, warmup in ((1, 0), (1, 22), (2, 22))]
+    assert steps == [[5, 10], [5, 10, 15, 20, 25], [5, 10, 15, 20, 25, 30]]
+    judged = run(BiasOnly(), TrainConfig(lr=0.05, epochs=5, eval_every_steps=5, patience=9,
+                                         warmup_steps=22, no_learning_epochs=1))
+    assert judged["status"] == "no_learning" and judged["history"][-1]["step"] == 25

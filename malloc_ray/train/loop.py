@@ -10,7 +10,11 @@ gives one cadence for dense and sparse data: a step of 64 windows trains ~4,000 
 ML-100K (a loss at every position) but 64 on Amazon Toys (one candidate per window). Training stops after
 `patience` evaluations without a better validation AUC, or at once when one falls more than
 `max_valid_drop` below the best of a model that has learned (overfitting on sparse data can
-cost more in one evaluation than patience should wait out).
+cost more in one evaluation than patience should wait out). Neither applies to evaluations that
+end inside the `warmup_steps` warm-up, nor does `no_learning_epochs`: such an evaluation still
+books the best weights and the plateau cut, but never stops the run and is not counted by
+patience (validating every few steps, as long histories or dense data do, would otherwise end a
+run before it reached its learning rate).
 
 No Ray here; `study/trainable.py` wraps it for Tune and reports through `on_epoch`.
 
@@ -194,7 +198,8 @@ def fit(model: torch.nn.Module, train_batches: Callable[[int], Iterable[dict]],
     `eval_every_targets` / `eval_every_steps`, also every that many trained targets / steps
     (whichever comes first): one history record per evaluation, numbered
     by `epoch` (= the pass when evaluation is once per pass; `pass` and `step` say where it
-    happened). Patience, `no_learning_epochs` and `best_epoch` count evaluations.
+    happened). Patience, `no_learning_epochs` and `best_epoch` count evaluations (patience only
+    those after the warm-up).
 
     Seeds torch with `cfg.seed` (the caller seeds model initialisation before building the model).
     `train_seconds` counts training steps only; each history record's `seconds` is the whole
@@ -212,12 +217,13 @@ def fit(model: torch.nn.Module, train_batches: Callable[[int], Iterable[dict]],
     per_pass = cfg.max_steps_per_epoch or math.inf
     history: list[dict] = []
     best_epoch, best_score, best_state = None, -math.inf, None
+    last_warm = -1  # the last evaluation inside the learning-rate warm-up
     train_seconds, samples, step = 0.0, 0, 0
     status, failed_epoch, reason = "ok", None, None
 
     def judge(record: dict) -> bool:
         """Book one evaluation; True when training should stop."""
-        nonlocal best_epoch, best_score, best_state, status, failed_epoch, reason
+        nonlocal best_epoch, best_score, best_state, status, failed_epoch, reason, last_warm
         history.append(record)
         if on_epoch is not None:
             on_epoch(record)
@@ -228,16 +234,22 @@ def fit(model: torch.nn.Module, train_batches: Callable[[int], Iterable[dict]],
             best_epoch, best_score, best_state = index, score, _cpu_state(model)
         else:
             decay[0] *= cfg.lr_plateau_factor
+        if record["step"] < cfg.warmup_steps:
+            # A model still ramping up its learning rate is not judged: validating every few
+            # steps (dense data, long histories) would otherwise spend the patience, or stop a
+            # flat start as no_learning, before the recipe has reached its learning rate.
+            last_warm = index
+            return False
         if cfg.max_valid_drop is not None and score < best_score - cfg.max_valid_drop \
                 and learned(best_score, cfg.no_learning_margin):
             # Overfitting shows: stop at once rather than wait out the patience. Only once the
             # model has learned something: before that, a dip is the noise of a flat start.
             return True
-        if cfg.no_learning_epochs and index + 1 == cfg.no_learning_epochs \
+        if cfg.no_learning_epochs and index + 1 >= cfg.no_learning_epochs \
                 and not learned(best_score, cfg.no_learning_margin):
             status, failed_epoch, reason = "no_learning", index, f"best valid AUC {best_score:.4f}"
             return True
-        return index - best_epoch >= cfg.patience
+        return index - max(best_epoch, last_warm) >= cfg.patience
 
     try:
         stop = False
