@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import numpy as np
 
-
 HISTORY_LABELS = 4
 WARN_ABOVE = 0.60  # prepare warns (and --strict fails) above this
 _PAD = 2  # a label slot before the user's first interaction
@@ -61,7 +60,7 @@ def label_stream_auc(lengths: np.ndarray, labels: np.ndarray, samples: dict,
     pos = np.bincount(code[train], weights=y[train], minlength=size)
     seen = np.bincount(code[train], minlength=size)
     rate = (pos + prior) / (seen + 1.0)  # one pseudo-sample at the prior: unseen patterns get it
-    # imported here: torch (the metrics') costs every command and study driver 1.3 s at start
+    # imported here: the metrics import torch (1.3 s), which `data stats` never needs
     from malloc_ray.metrics.ranking import auc
 
     score = auc(y[valid], rate[code[valid]])
